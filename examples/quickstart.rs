@@ -1,0 +1,2 @@
+//! Two replicas contend for one lock (being written).
+fn main() {}
