@@ -77,7 +77,7 @@ pub enum Error {
         reason: LostReason,
     },
     /// Redis could not be reached, a connection failed, or a request timed out.
-    #[error("redis is unavailable: {context}")]
+    #[error("redis is unavailable: {context}{}", cause(.source))]
     Unavailable {
         /// What was being attempted.
         context: String,
@@ -131,6 +131,13 @@ pub enum Error {
     /// The [`Locker`](crate::Locker) was closed.
     #[error("the locker is closed")]
     Closed,
+}
+
+fn cause(source: &Option<BoxError>) -> String {
+    source
+        .as_ref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default()
 }
 
 fn summarize(causes: &[ServerError]) -> String {

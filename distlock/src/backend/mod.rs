@@ -1,0 +1,95 @@
+//! Where leases live: one Redis server, or process memory.
+//!
+//! Every operation is one round trip (one script); the enum dispatches without
+//! boxing on the hot path.
+
+pub(crate) mod memory;
+pub(crate) mod redis;
+
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::key::Keys;
+use crate::notify::Subscription;
+
+/// The outcome of one acquire attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// The lock is ours, with this fencing token.
+    Acquired { fence: u64 },
+    /// Another owner holds it; it expires in `ttl` if the server said so.
+    Held { ttl: Option<Duration> },
+}
+
+/// One lease to renew in a batch.
+#[derive(Debug, Clone)]
+pub(crate) struct Renewal {
+    pub(crate) key: String,
+    pub(crate) token: String,
+    pub(crate) ttl: Duration,
+}
+
+/// A lease store.
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    Redis(redis::RedisBackend),
+    Memory(memory::MemoryBackend),
+}
+
+impl Backend {
+    /// One attempt to take the lock. Cancel safe: if the attempt may have
+    /// succeeded when the future is dropped, the token is released in the background.
+    pub(crate) async fn acquire(
+        &self,
+        keys: &Keys,
+        token: &str,
+        expiry: Duration,
+    ) -> Result<Attempt> {
+        match self {
+            Backend::Redis(b) => b.acquire(keys, token, expiry).await,
+            Backend::Memory(b) => b.acquire(keys, token, expiry),
+        }
+    }
+
+    /// Compare-and-delete, publishing a release message. `Ok(false)`: the key was
+    /// not ours (any more).
+    pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
+        match self {
+            Backend::Redis(b) => b.release(keys, token).await,
+            Backend::Memory(b) => Ok(b.release(keys, token)),
+        }
+    }
+
+    /// Compare-and-pexpire for a batch of leases; one `bool` per lease, in order.
+    pub(crate) async fn extend_many(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
+        match self {
+            Backend::Redis(b) => b.extend_many(batch).await,
+            Backend::Memory(b) => Ok(b.extend_many(batch)),
+        }
+    }
+
+    /// Deletes the lock whoever holds it, publishing a release message.
+    pub(crate) async fn force_unlock(&self, keys: &Keys) -> Result<bool> {
+        match self {
+            Backend::Redis(b) => b.force_unlock(keys).await,
+            Backend::Memory(b) => Ok(b.force_unlock(keys)),
+        }
+    }
+
+    /// Subscribes to the release channel of `keys`; `false` when the subscription
+    /// is not confirmed (the waiter must rely on timers).
+    pub(crate) async fn subscribe(&self, keys: &Keys) -> (Subscription, bool) {
+        match self {
+            Backend::Redis(b) => b.subscribe(&keys.channel).await,
+            Backend::Memory(b) => b.hub().subscribe(&keys.channel).await,
+        }
+    }
+
+    /// Stops background connections.
+    pub(crate) fn shutdown(&self) {
+        match self {
+            Backend::Redis(b) => b.shutdown(),
+            Backend::Memory(_) => {}
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The lease keeper: one task per `Locker` renews every held lease, watches each
+//! lease's local validity deadline, and releases what guards hand back on drop.
+//!
+//! Holding 100k leases costs 100k timer entries in one `BTreeSet`, not tasks;
+//! leases due for renewal within a short window are renewed together, in batches of
+//! up to a thousand per script call.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, Renewal};
+use crate::error::{Error, LostReason, Result};
+use crate::key::Keys;
+use crate::obs;
+
+/// Leases due for renewal within this window of each other are renewed together.
+const COALESCE: Duration = Duration::from_millis(25);
+
+/// The state of one held lease shared by its guard and the keeper.
+#[derive(Debug)]
+pub(crate) struct LeaseState {
+    pub(crate) id: u64,
+    pub(crate) keys: Keys,
+    pub(crate) token: String,
+    pub(crate) fence: u64,
+    pub(crate) expiry: Duration,
+    pub(crate) acquired_at: Instant,
+    lost: CancellationToken,
+    reason: OnceLock<LostReason>,
+}
+
+impl LeaseState {
+    pub(crate) fn new(id: u64, keys: Keys, token: String, fence: u64, expiry: Duration) -> Self {
+        LeaseState {
+            id,
+            keys,
+            token,
+            fence,
+            expiry,
+            acquired_at: Instant::now(),
+            lost: CancellationToken::new(),
+            reason: OnceLock::new(),
+        }
+    }
+
+    /// Records the loss (the first reason wins) and fires the lost signal.
+    pub(crate) fn mark_lost(&self, reason: LostReason) {
+        if self.reason.set(reason).is_ok() {
+            obs::lost(&self.keys.name, reason);
+            self.lost.cancel();
+        }
+    }
+
+    pub(crate) fn lost_reason(&self) -> Option<LostReason> {
+        self.reason.get().copied()
+    }
+
+    pub(crate) fn lost_token(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    pub(crate) fn lost_error(&self, reason: LostReason) -> Error {
+        Error::Lost {
+            key: crate::error::shorten(&self.keys.name),
+            reason,
+        }
+    }
+}
+
+/// What a guard or the locker asks of the keeper.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// Keep this lease alive. `valid_until` is its local validity deadline.
+    Hold {
+        lease: Arc<LeaseState>,
+        valid_until: Instant,
+        renew_every: Duration,
+        validity: Duration,
+        max_hold_at: Option<Instant>,
+    },
+    /// Stop renewing and release (or, with `keep_until`, let the key expire then).
+    Release {
+        lease: Arc<LeaseState>,
+        keep_until: Option<Instant>,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
+    /// Stop renewing without releasing (detach).
+    Forget { id: u64 },
+    /// Renew every lease on this lock key now (after a force-unlock).
+    Check { lock_key: String },
+    /// Release everything, fire `Closed`, and answer when done.
+    Close { reply: oneshot::Sender<()> },
+}
+
+/// The handle a `Locker` keeps: the command channel, and the task, started on first
+/// use (it needs a runtime).
+#[derive(Debug)]
+pub(crate) struct Keeper {
+    tx: mpsc::UnboundedSender<Cmd>,
+    start: Mutex<Option<(mpsc::UnboundedReceiver<Cmd>, Backend)>>,
+}
+
+impl Keeper {
+    pub(crate) fn new(backend: Backend) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Keeper {
+            tx,
+            start: Mutex::new(Some((rx, backend))),
+        }
+    }
+
+    /// Sends a command, starting the task if needed. `false` if the keeper is gone
+    /// (its runtime shut down) or cannot start (no runtime).
+    pub(crate) fn send(&self, cmd: Cmd) -> bool {
+        {
+            let mut start = self.start.lock().unwrap_or_else(PoisonError::into_inner);
+            if start.is_some() {
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return false;
+                };
+                if let Some((rx, backend)) = start.take() {
+                    rt.spawn(run(rx, backend));
+                }
+            }
+        }
+        self.tx.send(cmd).is_ok()
+    }
+
+    /// True once the task was started.
+    pub(crate) fn started(&self) -> bool {
+        self.start
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+}
+
+struct Entry {
+    lease: Arc<LeaseState>,
+    renew_at: Instant,
+    valid_until: Instant,
+    max_hold_at: Option<Instant>,
+    renew_every: Duration,
+    validity: Duration,
+    in_flight: bool,
+    wake: Instant,
+}
+
+impl Entry {
+    fn next_wake(&self) -> Instant {
+        let mut w = self.valid_until;
+        if !self.in_flight {
+            w = w.min(self.renew_at);
+        }
+        if let Some(m) = self.max_hold_at {
+            w = w.min(m);
+        }
+        w
+    }
+}
+
+type Batch = Pin<Box<dyn Future<Output = (Instant, Vec<u64>, Result<Vec<bool>>)> + Send>>;
+
+struct State {
+    backend: Backend,
+    entries: HashMap<u64, Entry>,
+    timers: BTreeSet<(Instant, u64)>,
+    batches: FuturesUnordered<Batch>,
+    releases: JoinSet<()>,
+    closed: bool,
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
+    let mut st = State {
+        backend,
+        entries: HashMap::new(),
+        timers: BTreeSet::new(),
+        batches: FuturesUnordered::new(),
+        releases: JoinSet::new(),
+        closed: false,
+    };
+    loop {
+        let next = st.timers.first().map(|(t, _)| *t);
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => st.command(cmd),
+                None => break,
+            },
+            () = sleep_until(next) => st.due(),
+            Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
+                st.renewed(sent, ids, result);
+            }
+            Some(_) = st.releases.join_next(), if !st.releases.is_empty() => {}
+        }
+    }
+    // Every Locker handle and guard is gone: release what is left and finish.
+    st.close_all();
+    while st.releases.join_next().await.is_some() {}
+    st.backend.shutdown();
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl State {
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Hold {
+                lease,
+                valid_until,
+                renew_every,
+                validity,
+                max_hold_at,
+            } => {
+                if self.closed {
+                    lease.mark_lost(LostReason::Closed);
+                    self.spawn_release(lease, None, None);
+                    return;
+                }
+                let sent = valid_until - validity;
+                let mut e = Entry {
+                    renew_at: sent + renew_every,
+                    valid_until,
+                    max_hold_at,
+                    renew_every,
+                    validity,
+                    in_flight: false,
+                    wake: valid_until,
+                    lease,
+                };
+                e.wake = e.next_wake();
+                self.timers.insert((e.wake, e.lease.id));
+                self.entries.insert(e.lease.id, e);
+            }
+            Cmd::Release {
+                lease,
+                keep_until,
+                reply,
+            } => {
+                let held = self.remove(lease.id).is_some();
+                match lease.lost_reason() {
+                    Some(reason) => {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(lease.lost_error(reason)));
+                        }
+                    }
+                    None if held => self.spawn_release(lease, keep_until, reply),
+                    // Not held and not lost: the keeper closed before it saw the lease.
+                    None => {
+                        lease.mark_lost(LostReason::Closed);
+                        self.spawn_release(lease, None, reply);
+                    }
+                }
+            }
+            Cmd::Forget { id } => {
+                self.remove(id);
+            }
+            Cmd::Check { lock_key } => {
+                let ids: Vec<u64> = self
+                    .entries
+                    .values()
+                    .filter(|e| e.lease.keys.lock == lock_key && !e.in_flight)
+                    .map(|e| e.lease.id)
+                    .collect();
+                self.renew(ids);
+            }
+            Cmd::Close { reply } => {
+                self.close_all();
+                let mut releases = std::mem::take(&mut self.releases);
+                tokio::spawn(async move {
+                    while releases.join_next().await.is_some() {}
+                    let _ = reply.send(());
+                });
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        self.closed = true;
+        let ids: Vec<u64> = self.entries.keys().copied().collect();
+        for id in ids {
+            if let Some(e) = self.remove(id) {
+                let live = e.lease.lost_reason().is_none();
+                e.lease.mark_lost(LostReason::Closed);
+                if live {
+                    self.spawn_release(e.lease, None, None);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.entries.remove(&id)?;
+        self.timers.remove(&(e.wake, id));
+        Some(e)
+    }
+
+    fn reschedule(&mut self, id: u64) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            self.timers.remove(&(e.wake, id));
+            e.wake = e.next_wake();
+            self.timers.insert((e.wake, id));
+        }
+    }
+
+    /// Handles every timer that is due: losses first, then a batch of renewals.
+    fn due(&mut self) {
+        let now = Instant::now();
+        let horizon = now + COALESCE;
+        let mut due = Vec::new();
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > horizon {
+                break;
+            }
+            self.timers.pop_first();
+            due.push(id);
+        }
+        let mut renew = Vec::new();
+        for id in due {
+            let Some(e) = self.entries.get(&id) else {
+                continue;
+            };
+            let lost = if e.max_hold_at.is_some_and(|m| m <= now) {
+                Some(LostReason::MaxHold)
+            } else if e.valid_until <= now {
+                Some(LostReason::DeadlineMissed)
+            } else {
+                None
+            };
+            if let Some(reason) = lost {
+                // The timer was already popped: take the entry without touching it.
+                if let Some(e) = self.entries.remove(&id) {
+                    e.lease.mark_lost(reason);
+                    self.spawn_release(e.lease, None, None);
+                }
+            } else if !e.in_flight && e.renew_at <= horizon {
+                renew.push(id);
+                // Re-inserted by `renew`.
+            } else if let Some(e) = self.entries.get_mut(&id) {
+                e.wake = e.next_wake();
+                self.timers.insert((e.wake, id));
+            }
+        }
+        self.renew(renew);
+    }
+
+    /// Sends one renewal batch for these leases.
+    fn renew(&mut self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut batch = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            if let Some(e) = self.entries.get_mut(&id) {
+                self.timers.remove(&(e.wake, id));
+                e.in_flight = true;
+                e.wake = e.next_wake();
+                self.timers.insert((e.wake, id));
+                batch.push(Renewal {
+                    key: e.lease.keys.lock.clone(),
+                    token: e.lease.token.clone(),
+                    ttl: e.lease.expiry,
+                });
+            }
+        }
+        let backend = self.backend.clone();
+        self.batches.push(Box::pin(async move {
+            let sent = Instant::now();
+            let result = backend.extend_many(&batch).await;
+            (sent, ids, result)
+        }));
+    }
+
+    fn renewed(&mut self, sent: Instant, ids: Vec<u64>, result: Result<Vec<bool>>) {
+        obs::renewed(ids.len(), result.is_ok());
+        match result {
+            Ok(flags) => {
+                for (id, ok) in ids.into_iter().zip(flags) {
+                    if ok {
+                        if let Some(e) = self.entries.get_mut(&id) {
+                            e.in_flight = false;
+                            e.valid_until = e.valid_until.max(sent + e.validity);
+                            e.renew_at = sent + e.renew_every;
+                        }
+                        self.reschedule(id);
+                    } else if let Some(e) = self.remove(id) {
+                        e.lease.mark_lost(LostReason::Stolen);
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, leases = ids.len(), "renewal failed; retrying until the validity deadline");
+                let now = Instant::now();
+                for id in ids {
+                    if let Some(e) = self.entries.get_mut(&id) {
+                        e.in_flight = false;
+                        e.renew_at = now + (e.renew_every / 4).min(Duration::from_millis(500));
+                    }
+                    self.reschedule(id);
+                }
+            }
+        }
+    }
+
+    fn spawn_release(
+        &mut self,
+        lease: Arc<LeaseState>,
+        keep_until: Option<Instant>,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    ) {
+        let backend = self.backend.clone();
+        self.releases.spawn(async move {
+            let result = release(&backend, &lease, keep_until).await;
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+        });
+    }
+}
+
+/// Releases a lease now, or lets its key expire at `keep_until`.
+async fn release(backend: &Backend, lease: &LeaseState, keep_until: Option<Instant>) -> Result<()> {
+    let now = Instant::now();
+    let ours = match keep_until {
+        Some(t) if t > now => {
+            let batch = [Renewal {
+                key: lease.keys.lock.clone(),
+                token: lease.token.clone(),
+                ttl: t - now,
+            }];
+            backend
+                .extend_many(&batch)
+                .await
+                .map(|v| v.first().copied().unwrap_or(false))
+        }
+        _ => backend.release(&lease.keys, &lease.token).await,
+    };
+    obs::released(&lease.keys.name, lease.acquired_at.elapsed());
+    match ours {
+        Ok(true) => Ok(()),
+        // Someone else holds the key, or it expired: the critical section may
+        // have overlapped with another owner's.
+        Ok(false) => match lease.lost_reason() {
+            Some(reason) => Err(lease.lost_error(reason)),
+            None => {
+                lease.mark_lost(LostReason::Stolen);
+                Err(lease.lost_error(LostReason::Stolen))
+            }
+        },
+        Err(e) => Err(e),
+    }
+}

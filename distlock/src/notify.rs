@@ -1,0 +1,206 @@
+//! Release notifications: one hub per `Locker` multiplexes every channel waited on,
+//! with reference counts, over at most one pub/sub connection per server.
+//!
+//! A waiter holds a [`Subscription`]; a release message on its channel bumps a
+//! counter in a `watch` channel, so a message that arrives between two waits is
+//! never missed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What the hub asks of the pub/sub connection task.
+#[derive(Debug)]
+pub(crate) enum SubCmd {
+    /// Subscribe to a channel; answer when the server confirmed (or failed).
+    Subscribe(String, oneshot::Sender<bool>),
+    /// Unsubscribe from a channel.
+    Unsubscribe(String),
+}
+
+#[derive(Debug)]
+struct Channel {
+    refs: usize,
+    tx: watch::Sender<u64>,
+}
+
+/// The per-`Locker` table of channels waited on.
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    channels: Mutex<HashMap<String, Channel>>,
+    feed: Feed,
+}
+
+/// Where release messages come from.
+#[derive(Debug, Default)]
+enum Feed {
+    /// The in-memory backend calls `notify` itself.
+    #[default]
+    Local,
+    /// A pub/sub connection task reads `SubCmd`s and calls `notify`.
+    Remote(mpsc::UnboundedSender<SubCmd>),
+    /// No pub/sub connection: waiters rely on their timers.
+    Absent,
+}
+
+impl Hub {
+    /// A hub fed directly by the in-memory backend.
+    pub(crate) fn local() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    /// A hub with no feed: every subscription is unconfirmed.
+    pub(crate) fn absent() -> Arc<Hub> {
+        Arc::new(Hub {
+            channels: Mutex::default(),
+            feed: Feed::Absent,
+        })
+    }
+
+    /// A hub fed by a pub/sub connection task reading `SubCmd`s from the receiver.
+    pub(crate) fn remote() -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Hub {
+            channels: Mutex::default(),
+            feed: Feed::Remote(tx),
+        };
+        (Arc::new(hub), rx)
+    }
+
+    /// Subscribes to `channel`. Returns the subscription and whether the server
+    /// confirmed it (a waiter that is not confirmed must rely on its timers).
+    pub(crate) async fn subscribe(self: &Arc<Self>, channel: &str) -> (Subscription, bool) {
+        let (rx, first) = {
+            let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = map.entry(channel.to_owned()).or_insert_with(|| Channel {
+                refs: 0,
+                tx: watch::Sender::new(0),
+            });
+            entry.refs += 1;
+            (entry.tx.subscribe(), entry.refs == 1)
+        };
+        let sub = Subscription {
+            hub: Arc::clone(self),
+            channel: channel.to_owned(),
+            rx,
+        };
+        let confirmed = match &self.feed {
+            Feed::Local => true,
+            Feed::Absent => false,
+            // A later subscriber to a channel that is already subscribed relies on the
+            // first one's confirmation (the pub/sub task answers in order).
+            Feed::Remote(_) if !first => true,
+            Feed::Remote(remote) => {
+                let (ack, done) = oneshot::channel();
+                remote
+                    .send(SubCmd::Subscribe(channel.to_owned(), ack))
+                    .is_ok()
+                    && done.await.unwrap_or(false)
+            }
+        };
+        (sub, confirmed)
+    }
+
+    /// Wakes every waiter on `channel`.
+    pub(crate) fn notify(&self, channel: &str) {
+        let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get(channel) {
+            c.tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Wakes every waiter on every channel (after a reconnect, a message may have
+    /// been missed).
+    pub(crate) fn notify_all(&self) {
+        let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in map.values() {
+            c.tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The channels currently subscribed to.
+    pub(crate) fn channels(&self) -> Vec<String> {
+        let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        map.keys().cloned().collect()
+    }
+
+    /// How many channels are subscribed (for tests and leak checks).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn release(&self, channel: &str) {
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = match map.get_mut(channel) {
+            Some(c) => {
+                c.refs -= 1;
+                c.refs == 0
+            }
+            None => false,
+        };
+        if last {
+            map.remove(channel);
+            if let Feed::Remote(remote) = &self.feed {
+                let _ = remote.send(SubCmd::Unsubscribe(channel.to_owned()));
+            }
+        }
+    }
+}
+
+/// A reference-counted interest in one release channel.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    hub: Arc<Hub>,
+    channel: String,
+    rx: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// Completes at the next release message (or at once if one arrived since the
+    /// last call). Never completes if the hub is gone.
+    pub(crate) async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.release(&self.channel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_notification_between_waits_is_not_missed() {
+        let hub = Hub::local();
+        let (mut sub, ok) = hub.subscribe("c").await;
+        assert!(ok);
+        hub.notify("c");
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn channels_are_reference_counted() {
+        let hub = Hub::local();
+        let (a, _) = hub.subscribe("c").await;
+        let (b, _) = hub.subscribe("c").await;
+        assert_eq!(hub.len(), 1);
+        drop(a);
+        assert_eq!(hub.len(), 1);
+        drop(b);
+        assert_eq!(hub.len(), 0);
+    }
+}

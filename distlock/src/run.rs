@@ -1,0 +1,285 @@
+//! The shared runner: acquire, run the work, cancel it if the lease is lost,
+//! release. `#[distributed_lock]` and the tower layer both call it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::guard::{LockGuard, Lost};
+use crate::lock::Lock;
+
+/// What to do when the lock is held by another owner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OnBusy {
+    /// Wait for it, up to the policy's timeout (forever without one).
+    #[default]
+    Wait,
+    /// Do not run the work: [`Lock::run`] returns `Ok(None)`. For job
+    /// deduplication: the job runs on whichever replica gets the lock.
+    Skip,
+    /// Fail with [`Error::Busy`].
+    Reject,
+}
+
+/// How [`Lock::run`] acquires, holds and releases.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use distlock::{OnBusy, Policy};
+///
+/// // Wait up to 5 s; cancel the work after 10 minutes.
+/// let handler = Policy::new()
+///     .timeout(Duration::from_secs(5))
+///     .at_most(Duration::from_secs(600));
+///
+/// // A scheduled job on N replicas: one runs it, the others skip; keep the lock
+/// // a minute after it ends, so replicas with late clocks skip too.
+/// let job = Policy::new()
+///     .on_busy(OnBusy::Skip)
+///     .at_least(Duration::from_secs(60));
+/// # let _ = (handler, job);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[must_use]
+pub struct Policy {
+    timeout: Option<Duration>,
+    on_busy: OnBusy,
+    at_least: Option<Duration>,
+    at_most: Option<Duration>,
+    expiry: Option<Duration>,
+}
+
+impl Policy {
+    /// Wait without a timeout, no hold limits, the lock's own expiry.
+    pub const fn new() -> Self {
+        Policy {
+            timeout: None,
+            on_busy: OnBusy::Wait,
+            at_least: None,
+            at_most: None,
+            expiry: None,
+        }
+    }
+
+    /// How long to wait for the lock (with [`OnBusy::Wait`]); zero makes one
+    /// attempt. Without it, wait until acquired.
+    pub const fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// What to do when the lock is held.
+    pub const fn on_busy(mut self, on_busy: OnBusy) -> Self {
+        self.on_busy = on_busy;
+        self
+    }
+
+    /// Keep the lock this long after acquiring it, even if the work ends sooner
+    /// (ShedLock's "lock at least for"): the key then expires by itself.
+    pub const fn at_least(mut self, at_least: Duration) -> Self {
+        self.at_least = Some(at_least);
+        self
+    }
+
+    /// Cancel the work (the run returns [`Error::Lost`] with
+    /// [`LostReason::MaxHold`](crate::LostReason::MaxHold)) once it has held the
+    /// lock this long.
+    pub const fn at_most(mut self, at_most: Duration) -> Self {
+        self.at_most = Some(at_most);
+        self
+    }
+
+    /// The lease expiry for this run (default: the lock's).
+    pub const fn expiry(mut self, expiry: Duration) -> Self {
+        self.expiry = Some(expiry);
+        self
+    }
+
+    /// The wait timeout, if any.
+    pub const fn wait_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// The busy behaviour.
+    pub const fn busy(&self) -> OnBusy {
+        self.on_busy
+    }
+}
+
+/// The lease held by the running task, as seen from inside [`Lock::run`].
+#[derive(Debug, Clone)]
+pub struct Current {
+    locker_id: u64,
+    key: String,
+    fencing_token: u64,
+    lost: CancellationToken,
+}
+
+impl Current {
+    /// The lock's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+    /// The fencing token of the acquisition.
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+    /// A token cancelled when the lease is lost.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.child_token()
+    }
+    /// True once the lease is lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+}
+
+tokio::task_local! {
+    static HELD: Vec<Current>;
+}
+
+/// The innermost lease held by the current task through [`Lock::run`] (or
+/// `#[distributed_lock]`), if any.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+/// let locker = distlock::Locker::memory();
+/// let policy = distlock::Policy::new();
+/// locker.lock("k").run(&policy, async {
+///     let lease = distlock::current().expect("inside run");
+///     println!("writing with fencing token {}", lease.fencing_token());
+/// }).await?;
+/// # Ok(()) }
+/// ```
+pub fn current() -> Option<Current> {
+    HELD.try_with(|held| held.last().cloned()).ok().flatten()
+}
+
+fn held_here(locker_id: u64, key: &str) -> bool {
+    HELD.try_with(|held| {
+        held.iter()
+            .any(|c| c.locker_id == locker_id && c.key == key)
+    })
+    .unwrap_or(false)
+}
+
+impl Lock {
+    /// Acquires the lock under `policy`, runs `work` while holding it, and
+    /// releases it. If the lease is lost, `work` is dropped (cancelled) at its
+    /// next await point and the run returns [`Error::Lost`].
+    ///
+    /// Inside `work`, [`current()`] gives the lease (key, fencing token, lost
+    /// signal). A nested `run` on a key the same task already holds through the
+    /// same locker runs its work directly, without re-acquiring (task-scoped
+    /// reentrancy).
+    ///
+    /// Returns `Ok(None)` only with [`OnBusy::Skip`] when the lock was held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], [`Error::Busy`] (with [`OnBusy::Reject`]),
+    /// [`Error::Lost`] (also when the release finds the lease already gone: the
+    /// work may have overlapped with another owner's), and the acquisition
+    /// errors of [`try_acquire`](Lock::try_acquire).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+    /// use std::time::Duration;
+    /// let locker = distlock::Locker::memory();
+    /// let policy = distlock::Policy::new().timeout(Duration::from_secs(5));
+    /// let total = locker.lock("ledger").run(&policy, async { 40 + 2 }).await?;
+    /// assert_eq!(total, Some(42));
+    /// # Ok(()) }
+    /// ```
+    pub fn run<F: Future>(
+        &self,
+        policy: &Policy,
+        work: F,
+    ) -> impl Future<Output = Result<Option<F::Output>>> + use<'_, F> {
+        // The future borrows the lock, not the policy.
+        self.run_with(policy.clone(), work)
+    }
+
+    async fn run_with<F: Future>(&self, policy: Policy, work: F) -> Result<Option<F::Output>> {
+        let locker_id = self.locker().id();
+        if held_here(locker_id, self.key()) {
+            return Ok(Some(work.await));
+        }
+        let mut lock = self.clone();
+        if let Some(expiry) = policy.expiry {
+            lock = lock.expiry(expiry);
+        }
+        if let Some(at_most) = policy.at_most {
+            lock = lock.max_hold(at_most);
+        }
+        if let Some(at_least) = policy.at_least {
+            if at_least > crate::options::MAX_HOLD_LIMIT {
+                return Err(Error::config("at_least must be at most 365 days"));
+            }
+        }
+        let guard = match policy.on_busy {
+            OnBusy::Wait => match policy.timeout {
+                Some(t) => lock.acquire_timeout(t).await?,
+                None => lock.acquire().await?,
+            },
+            OnBusy::Skip => match lock.try_acquire().await? {
+                Some(g) => g,
+                None => return Ok(None),
+            },
+            OnBusy::Reject => match lock.try_acquire().await? {
+                Some(g) => g,
+                None => {
+                    return Err(Error::Busy {
+                        key: crate::error::shorten(self.key()),
+                    })
+                }
+            },
+        };
+        let acquired_at = guard.state().acquired_at;
+        let output = hold(locker_id, &guard, work).await;
+        let released = match policy.at_least.and_then(|a| acquired_at.checked_add(a)) {
+            Some(until) if until > Instant::now() => guard.release_at(until).await,
+            _ => guard.release().await,
+        };
+        match (output, released) {
+            (Err(lost), _) => Err(lost),
+            (Ok(_), Err(e @ Error::Lost { .. })) => Err(e),
+            (Ok(out), Err(e)) => {
+                // The work finished while the lease was held; only telling Redis
+                // failed, and the key expires by itself.
+                tracing::warn!(key = self.key(), error = %e, "release failed after the work finished");
+                Ok(Some(out))
+            }
+            (Ok(out), Ok(())) => Ok(Some(out)),
+        }
+    }
+}
+
+/// Runs `work` with the lease visible through [`current()`], racing it against the
+/// lost signal.
+async fn hold<F: Future>(locker_id: u64, guard: &LockGuard, work: F) -> Result<F::Output> {
+    let state = guard.state();
+    let mut stack = HELD.try_with(Clone::clone).unwrap_or_default();
+    stack.push(Current {
+        locker_id,
+        key: state.keys.name.clone(),
+        fencing_token: state.fence,
+        lost: state.lost_token().clone(),
+    });
+    let lost: Lost = guard.lost();
+    tokio::select! {
+        biased;
+        reason = lost => Err(state.lost_error(reason)),
+        out = HELD.scope(stack, work) => Ok(out),
+    }
+}
