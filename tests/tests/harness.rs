@@ -1,14 +1,33 @@
 //! Tests of the harness itself: [`RedisServer`] and [`FaultProxy`].
+//!
+//! [`RedisServer`]: distlock_tests::RedisServer
+//! [`FaultProxy`]: distlock_tests::FaultProxy
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use distlock_tests::RedisServer;
+use distlock_tests::{FaultProxy, RedisServer};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisResult};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
+
+/// Polls `check` until it holds, panicking after `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// Connects to `url` with the given response timeout (`None`: wait forever).
 async fn connect(
@@ -22,6 +41,23 @@ async fn connect(
         .get_multiplexed_async_connection_with_config(&config)
         .await
 }
+
+/// Writes raw RESP and reads until `expected` arrived (at most 5 s).
+async fn roundtrip(stream: &mut TcpStream, request: &[u8], expected: &[u8]) {
+    stream.write_all(request).await.unwrap();
+    let mut reply = vec![0; expected.len()];
+    timeout(Duration::from_secs(5), stream.read_exact(&mut reply))
+        .await
+        .expect("no reply within 5 s")
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        String::from_utf8_lossy(expected)
+    );
+}
+
+const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+const PONG: &[u8] = b"+PONG\r\n";
 
 async fn ping(conn: &mut MultiplexedConnection) -> RedisResult<String> {
     redis::cmd("PING").query_async(conn).await
@@ -220,4 +256,231 @@ async fn restart_waits_while_the_port_is_busy() {
     release.await.unwrap();
     server.set("k", "v").await;
     assert_eq!(server.get("k").await.as_deref(), Some("v"));
+}
+
+#[tokio::test]
+async fn proxy_forwards_large_values_intact() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    assert_eq!(
+        proxy.url(),
+        format!("redis://127.0.0.1:{}", proxy.addr().port())
+    );
+    assert_eq!(proxy.connections(), 0);
+
+    let mut conn = connect(&proxy.url(), Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(ping(&mut conn).await.unwrap(), "PONG");
+    assert_eq!(proxy.connections(), 1);
+
+    // Far more than one chunk each way: a lost or swapped chunk changes it.
+    let value = (0..200_000)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let () = redis::cmd("SET")
+        .arg("big")
+        .arg(&value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let back: String = redis::cmd("GET")
+        .arg("big")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        back == value,
+        "the value came back altered through the proxy"
+    );
+    assert!(server.get("big").await.as_deref() == Some(value.as_str()));
+
+    drop(conn);
+    let proxy = &proxy;
+    eventually(
+        "the proxy sees the connection close",
+        Duration::from_secs(5),
+        || async move { proxy.connections() == 0 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn latency_delays_both_directions_without_reordering() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let mut conn = connect(&proxy.url(), Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(ping(&mut conn).await.unwrap(), "PONG");
+
+    proxy.set_latency(Duration::from_millis(200));
+    let started = Instant::now();
+    assert_eq!(ping(&mut conn).await.unwrap(), "PONG");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "200 ms each way, yet PING took {took:?}"
+    );
+
+    // Many small writes while the latency flips between 50 ms and none:
+    // the replies must come back complete and in order.
+    let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw.set_nodelay(true).unwrap();
+    let count = 200;
+    for i in 0..count {
+        if i % 20 == 0 {
+            let ms = if (i / 20) % 2 == 0 { 50 } else { 0 };
+            proxy.set_latency(Duration::from_millis(ms));
+        }
+        raw.write_all(b"*2\r\n$4\r\nINCR\r\n$3\r\nctr\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await; // Spread over many chunks.
+    }
+    let expected: String = (1..=count).map(|n| format!(":{n}\r\n")).collect();
+    let mut replies = vec![0; expected.len()];
+    timeout(Duration::from_secs(10), raw.read_exact(&mut replies))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&replies), expected);
+
+    proxy.restore();
+    assert_eq!(ping(&mut conn).await.unwrap(), "PONG");
+}
+
+#[tokio::test]
+async fn blackhole_holds_traffic_until_restore() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let mut conn = connect(&proxy.url(), None).await.unwrap();
+    assert_eq!(ping(&mut conn).await.unwrap(), "PONG");
+    let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
+    roundtrip(&mut raw, PING, PONG).await;
+
+    proxy.blackhole();
+    assert!(
+        timeout(Duration::from_millis(300), ping(&mut conn))
+            .await
+            .is_err(),
+        "a request through a blackhole must not be answered"
+    );
+    assert!(
+        timeout(Duration::from_millis(300), connect(&proxy.url(), None))
+            .await
+            .is_err(),
+        "a new connection must not complete its handshake through a blackhole"
+    );
+    raw.write_all(b"*3\r\n$3\r\nSET\r\n$4\r\nheld\r\n$1\r\nx\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0; 1];
+    assert!(timeout(Duration::from_millis(300), raw.read(&mut byte))
+        .await
+        .is_err());
+    assert!(
+        !server.exists("held").await,
+        "the blackhole let the SET through"
+    );
+    assert_eq!(proxy.connections(), 3, "a blackhole keeps connections open");
+
+    proxy.restore();
+    let pong = timeout(Duration::from_secs(5), ping(&mut conn))
+        .await
+        .unwrap();
+    assert_eq!(pong.unwrap(), "PONG");
+    let mut reply = [0; 5];
+    timeout(Duration::from_secs(5), raw.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply, b"+OK\r\n", "held bytes are delivered after restore");
+    assert!(server.exists("held").await);
+    let mut fresh = connect(&proxy.url(), Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(ping(&mut fresh).await.unwrap(), "PONG");
+}
+
+#[tokio::test]
+async fn reset_all_breaks_open_connections_only() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let mut conn = connect(&proxy.url(), Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(ping(&mut conn).await.unwrap(), "PONG");
+    let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
+    roundtrip(&mut raw, PING, PONG).await;
+    assert_eq!(proxy.connections(), 2);
+
+    proxy.reset_all();
+    let err = ping(&mut conn).await.unwrap_err();
+    assert!(
+        err.is_io_error() || err.is_connection_dropped(),
+        "expected a connection error, got {err}"
+    );
+    let mut byte = [0; 1];
+    let read = timeout(Duration::from_secs(5), raw.read(&mut byte))
+        .await
+        .unwrap();
+    let err = read.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "expected RST, got {err}"
+    );
+    let proxy = &proxy;
+    eventually(
+        "reset connections are closed",
+        Duration::from_secs(5),
+        || async move { proxy.connections() == 0 },
+    )
+    .await;
+
+    let mut fresh = connect(&proxy.url(), Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(ping(&mut fresh).await.unwrap(), "PONG");
+    assert_eq!(proxy.connections(), 1);
+}
+
+#[tokio::test]
+async fn proxy_to_a_dead_target_refuses_and_drop_closes_everything() {
+    let mut server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
+    roundtrip(&mut raw, PING, PONG).await;
+
+    let addr = proxy.addr();
+    drop(proxy);
+    let mut byte = [0; 1];
+    let read = timeout(Duration::from_secs(5), raw.read(&mut byte))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the connection must close, read {read:?}"
+    );
+    eventually(
+        "the listener closes",
+        Duration::from_secs(5),
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+
+    let proxy = FaultProxy::start(server.addr()).await;
+    server.kill();
+    assert!(connect(&proxy.url(), Some(Duration::from_secs(5)))
+        .await
+        .is_err());
+    let proxy = &proxy;
+    eventually(
+        "the failed connection is closed",
+        Duration::from_secs(5),
+        || async move { proxy.connections() == 0 },
+    )
+    .await;
 }
