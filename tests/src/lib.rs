@@ -1,1 +1,16 @@
-//! The test harness: real `redis-server` processes on free ports.
+//! The distlock test harness: real `redis-server` processes on free ports,
+//! and a TCP proxy that injects faults between a client and a server.
+//!
+//! - [`RedisServer`] starts, kills, restarts, pauses and resumes a server,
+//!   and has a few async helpers for assertions (`get`, `pttl`, `keys`, ...).
+//! - [`FaultProxy`] forwards to a server and adds latency, blackholes
+//!   traffic or resets connections on command.
+//!
+//! Every wait in the harness is bounded; setup failures panic with a message
+//! (and, for a server, the tail of its log).
+
+mod proxy;
+mod server;
+
+pub use proxy::FaultProxy;
+pub use server::{RedisServer, RedisServerBuilder};
