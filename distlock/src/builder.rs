@@ -13,6 +13,49 @@ use crate::error::{Error, Result};
 use crate::locker::Locker;
 use crate::options::LeaseOptions;
 
+/// An in-memory lock store: what one Redis server is to several replicas, for
+/// lockers in one process. Clones share the store.
+///
+/// Its methods are test hooks: they do what an operator with `redis-cli`
+/// would.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+/// use distlock::{Locker, MemoryStore};
+///
+/// let store = MemoryStore::new();
+/// let replica_a = Locker::builder().memory_store(store.clone()).build().await?;
+/// let replica_b = Locker::builder().memory_store(store.clone()).build().await?;
+/// let guard = replica_a.lock("job").acquire().await?;
+/// assert!(replica_b.lock("job").try_acquire().await?.is_none());
+/// assert!(store.contains("job"));
+/// store.delete("job"); // behind the holder's back: it learns at its next renewal
+/// # drop(guard);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore(MemoryBackend);
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore(MemoryBackend::new())
+    }
+
+    /// Deletes the lock on `key` whoever holds it, telling no holder (they learn
+    /// at their next renewal, as with `DEL` on Redis). Returns whether it was held.
+    pub fn delete(&self, key: &str) -> bool {
+        self.0.delete(key)
+    }
+
+    /// True if the lock on `key` is held (and not expired).
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.contains(key)
+    }
+}
+
 /// The URL used when none is given.
 pub(crate) const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 
@@ -62,7 +105,7 @@ pub struct LockerBuilder {
     password: Option<String>,
     db: Option<i64>,
     pool: Option<Pool>,
-    memory: bool,
+    memory: Option<MemoryStore>,
     pool_size: usize,
     connections: usize,
     key_prefix: String,
@@ -81,7 +124,7 @@ impl fmt::Debug for LockerBuilder {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("db", &self.db)
-            .field("memory", &self.memory)
+            .field("memory", &self.memory.is_some())
             .field("pool_size", &self.pool_size)
             .field("connections", &self.connections)
             .field("key_prefix", &self.key_prefix)
@@ -107,7 +150,7 @@ impl LockerBuilder {
             password: None,
             db: None,
             pool: None,
-            memory: false,
+            memory: None,
             pool_size: 16,
             connections: 2,
             key_prefix: "distlock:".into(),
@@ -155,9 +198,14 @@ impl LockerBuilder {
         self.pool = Some(pool);
         self
     }
-    /// Uses the in-memory backend instead of Redis.
-    pub fn memory(mut self) -> Self {
-        self.memory = true;
+    /// Uses a new in-memory backend instead of Redis.
+    pub fn memory(self) -> Self {
+        self.memory_store(MemoryStore::new())
+    }
+    /// Uses this in-memory store instead of Redis. Lockers built on clones of one
+    /// store contend like replicas sharing one Redis.
+    pub fn memory_store(mut self, store: MemoryStore) -> Self {
+        self.memory = Some(store);
         self
     }
     /// The pool's maximum size.
@@ -256,8 +304,9 @@ impl LockerBuilder {
     }
 
     /// Builds a memory locker without awaiting (for [`Locker::memory`]).
-    pub(crate) fn build_now(self) -> Locker {
-        self.finish(Backend::Memory(MemoryBackend::new()), "memory".into())
+    pub(crate) fn build_now(mut self) -> Locker {
+        let store = self.memory.take().unwrap_or_default();
+        self.finish(Backend::Memory(store.0), "memory".into())
     }
 
     /// Validates the options, connects, and checks that the server answers
@@ -270,7 +319,7 @@ impl LockerBuilder {
     /// if it refuses the credentials.
     pub async fn build(self) -> Result<Locker> {
         self.validate()?;
-        if self.memory {
+        if self.memory.is_some() {
             return Ok(self.build_now());
         }
         let settings = RedisSettings {

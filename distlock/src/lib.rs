@@ -17,7 +17,7 @@ mod queue;
 mod run;
 mod token;
 
-pub use builder::LockerBuilder;
+pub use builder::{LockerBuilder, MemoryStore};
 pub use error::{BoxError, Error, LostReason, Result, ServerError};
 pub use guard::{Lease, LockGuard, Lost};
 pub use key::MAX_KEY_LEN;

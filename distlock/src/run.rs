@@ -205,12 +205,13 @@ impl Lock {
         &self,
         policy: &Policy,
         work: F,
-    ) -> impl Future<Output = Result<Option<F::Output>>> + use<'_, F> {
-        // The future borrows the lock, not the policy.
-        self.run_with(policy.clone(), work)
+    ) -> impl Future<Output = Result<Option<F::Output>>> + use<F> {
+        // The future owns what it needs (a clone of this cheap handle and of the
+        // policy): it borrows neither, and is `'static` when `work` is.
+        self.clone().run_with(policy.clone(), work)
     }
 
-    async fn run_with<F: Future>(&self, policy: Policy, work: F) -> Result<Option<F::Output>> {
+    async fn run_with<F: Future>(self, policy: Policy, work: F) -> Result<Option<F::Output>> {
         let locker_id = self.locker().id();
         if held_here(locker_id, self.key()) {
             return Ok(Some(work.await));

@@ -14,3 +14,8 @@ mod server;
 
 pub use proxy::FaultProxy;
 pub use server::{RedisServer, RedisServerBuilder};
+
+/// The workspace README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

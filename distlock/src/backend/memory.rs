@@ -14,6 +14,7 @@ use crate::notify::Hub;
 
 #[derive(Debug)]
 struct Entry {
+    name: String,
     token: String,
     expires: Instant,
 }
@@ -29,6 +30,12 @@ struct State {
 pub(crate) struct MemoryBackend {
     state: Arc<Mutex<State>>,
     hub: Arc<Hub>,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend::new()
+    }
 }
 
 impl MemoryBackend {
@@ -65,6 +72,7 @@ impl MemoryBackend {
             s.locks.insert(
                 keys.lock.clone(),
                 Entry {
+                    name: keys.name.clone(),
                     token: token.to_owned(),
                     expires: now + expiry,
                 },
@@ -103,6 +111,33 @@ impl MemoryBackend {
                 })
                 .collect()
         })
+    }
+
+    /// Deletes every lock named `name` (whatever the prefix), as an operator
+    /// would, without telling any keeper. Returns whether one was live.
+    pub(crate) fn delete(&self, name: &str) -> bool {
+        let mut channels = Vec::new();
+        let live = self.with(|s, now| {
+            let mut live = false;
+            s.locks.retain(|key, e| {
+                if e.name != name {
+                    return true;
+                }
+                live |= e.expires > now;
+                channels.push(format!("{key}:released"));
+                false
+            });
+            live
+        });
+        for c in channels {
+            self.hub.notify(&c);
+        }
+        live
+    }
+
+    /// True if a live lock named `name` exists.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.with(|s, now| s.locks.values().any(|e| e.name == name && e.expires > now))
     }
 
     pub(crate) fn force_unlock(&self, keys: &Keys) -> bool {
