@@ -10,98 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock::{Error, Locker, LockerBuilder, LostReason, MemoryStore, OnBusy, Policy};
+use distlock::{Error, Locker, LostReason, MemoryStore, OnBusy, Policy};
 use distlock_tests::RedisServer;
 use tokio::time::{timeout, Instant};
 
-/// A backend under test and what an operator can do to it.
-enum Fixture {
-    Redis(RedisServer),
-    Memory(MemoryStore),
-}
-
-impl Fixture {
-    async fn redis() -> Self {
-        Fixture::Redis(RedisServer::start().await)
-    }
-
-    fn memory() -> Self {
-        Fixture::Memory(MemoryStore::new())
-    }
-
-    /// A builder pointed at this backend: one per replica.
-    fn builder(&self) -> LockerBuilder {
-        match self {
-            Fixture::Redis(s) => Locker::builder().url(s.url()),
-            Fixture::Memory(m) => Locker::builder().memory_store(m.clone()),
-        }
-    }
-
-    async fn locker(&self) -> Locker {
-        self.builder().build().await.expect("locker")
-    }
-
-    /// Deletes the lock behind its holder's back, as `redis-cli DEL` would.
-    async fn delete(&self, key: &str) {
-        match self {
-            Fixture::Redis(s) => {
-                assert!(
-                    s.del(&format!("distlock:{{{key}}}")).await,
-                    "key was not there"
-                );
-            }
-            Fixture::Memory(m) => assert!(m.delete(key), "key was not there"),
-        }
-    }
-
-    async fn is_held(&self, key: &str) -> bool {
-        match self {
-            Fixture::Redis(s) => s.exists(&format!("distlock:{{{key}}}")).await,
-            Fixture::Memory(m) => m.contains(key),
-        }
-    }
-}
-
-/// Polls `cond` every millisecond until it holds or `limit` passes; returns the
-/// time it took.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-macro_rules! both {
-    ($($name:ident => $check:ident;)*) => {
-        mod on_redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$check(super::Fixture::redis().await).await;
-                }
-            )*
-        }
-        mod on_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$check(super::Fixture::memory()).await;
-                }
-            )*
-        }
-    };
-}
+mod common;
+use common::{eventually, Fixture};
 
 both! {
     fifty_tasks_on_two_lockers_never_overlap => check_mutual_exclusion;

@@ -25,6 +25,8 @@ pub(crate) enum Attempt {
 #[derive(Debug, Clone)]
 pub(crate) struct Renewal {
     pub(crate) key: String,
+    /// The token is a sorted-set member (semaphore, reader), not a string value.
+    pub(crate) shared: bool,
     pub(crate) token: String,
     pub(crate) ttl: Duration,
 }
@@ -44,10 +46,19 @@ impl Backend {
         keys: &Keys,
         token: &str,
         expiry: Duration,
+        intent: Duration,
     ) -> Result<Attempt> {
         match self {
-            Backend::Redis(b) => b.acquire(keys, token, expiry).await,
-            Backend::Memory(b) => b.acquire(keys, token, expiry),
+            Backend::Redis(b) => b.acquire(keys, token, expiry, intent).await,
+            Backend::Memory(b) => b.acquire(keys, token, expiry, intent),
+        }
+    }
+
+    /// How many live holders a shared lock (semaphore) has.
+    pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
+        match self {
+            Backend::Redis(b) => b.count(keys).await,
+            Backend::Memory(b) => Ok(b.count(keys)),
         }
     }
 
@@ -68,11 +79,11 @@ impl Backend {
         }
     }
 
-    /// Deletes the lock whoever holds it, publishing a release message.
-    pub(crate) async fn force_unlock(&self, keys: &Keys) -> Result<bool> {
+    /// Deletes these holder keys whoever holds them, publishing a release message.
+    pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
         match self {
-            Backend::Redis(b) => b.force_unlock(keys).await,
-            Backend::Memory(b) => Ok(b.force_unlock(keys)),
+            Backend::Redis(b) => b.force_unlock(holders, channel).await,
+            Backend::Memory(b) => Ok(b.force_unlock(holders, channel)),
         }
     }
 

@@ -14,90 +14,284 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Attempt, Renewal};
 use crate::error::{Error, Result};
-use crate::key::Keys;
+use crate::key::{Keys, Kind};
 use crate::notify::{Hub, SubCmd, Subscription};
 
 /// How long the fencing counter outlives its last acquisition. The counter also
 /// takes the server's clock into account, so its expiry never lets a token repeat.
 const FENCE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// Acquire: set-if-absent, mint a fencing token, or report who holds the key.
-///
-/// KEYS: lock, fence. ARGV: token, expiry ms, fence ttl ms.
-/// Returns `{1, fence}` when acquired (also when the key already holds our token:
-/// a retried attempt), `{0, pttl}` when held, `{2, type}` for a key of another type.
-const ACQUIRE: &str = r"
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+/// Lua that mints the next fencing token into `f` and stores it: one more than
+/// the counter, and never less than the server's clock in microseconds, so the
+/// token keeps increasing when the counter expires or Redis restarts empty.
+/// Expects `KEYS[FENCE]` and the fence TTL in `ARGV[FTTL]`.
+macro_rules! mint_fence {
+    () => {
+        r"
   local t = redis.call('time')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local f = tonumber(redis.call('get', KEYS[2]) or '0') + 1
+  local f = tonumber(redis.call('get', KEYS[FENCE]) or '0') + 1
   if now > f then f = now end
-  redis.call('set', KEYS[2], string.format('%.0f', f), 'PX', ARGV[3])
-  return {1, string.format('%.0f', f)}
-end
+  f = string.format('%.0f', f)
+  redis.call('set', KEYS[FENCE], f, 'PX', ARGV[FTTL])
+"
+    };
+}
+
+/// Lua that sets `now` to the server's clock in milliseconds.
+macro_rules! now_ms {
+    () => {
+        r"
+local t0 = redis.call('time')
+local nowms = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
+"
+    };
+}
+
+/// Acquire a mutex (or a reader-writer lock's write side): set-if-absent, mint a
+/// fencing token, or report how long the holder has left.
+///
+/// KEYS: lock, fence, readers (write side only), intent (write side only).
+/// ARGV: token, expiry ms, fence ttl ms, intent ms (write side only).
+/// Returns `{1, fence}` when acquired (also when the key already holds our token:
+/// a retried attempt), `{0, ms left}` when held, `{2, type}` for a key of another
+/// type.
+const ACQUIRE_EXCLUSIVE: &str = concat!(
+    "local FENCE, FTTL = 2, 3\n",
+    r"
 local kind = redis.call('type', KEYS[1])['ok']
-if kind ~= 'string' then
-  return {2, kind}
+if kind ~= 'string' and kind ~= 'none' then return {2, kind} end
+if kind == 'string' then
+  if redis.call('get', KEYS[1]) == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return {1, redis.call('get', KEYS[2]) or '0'}
+  end
+  return {0, tostring(redis.call('pttl', KEYS[1]))}
 end
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  redis.call('pexpire', KEYS[1], ARGV[2])
+if #KEYS == 4 then
+  local rk = redis.call('type', KEYS[3])['ok']
+  if rk ~= 'zset' and rk ~= 'none' then return {2, rk} end
+",
+    now_ms!(),
+    r"
+  redis.call('zremrangebyscore', KEYS[3], '-inf', nowms)
+  local first = redis.call('zrange', KEYS[3], 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    redis.call('set', KEYS[4], ARGV[1], 'PX', ARGV[4])
+    return {0, tostring(math.max(1, tonumber(first[2]) - nowms))}
+  end
+end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if #KEYS == 4 and redis.call('get', KEYS[4]) == ARGV[1] then redis.call('del', KEYS[4]) end
+",
+    mint_fence!(),
+    "return {1, f}\n"
+);
+
+/// Acquire a semaphore permit or a read lock: a member of a sorted set scored by
+/// its expiry on the server's clock; expired members are purged first.
+///
+/// KEYS: holders, fence, then for a semaphore its max key, for a reader the
+/// writer and the intent.
+/// ARGV: token, expiry ms, fence ttl ms, max (semaphore) or 0 (reader).
+/// Returns as `ACQUIRE_EXCLUSIVE`, plus `{3, stored max}` when the semaphore
+/// exists with another permit count.
+const ACQUIRE_SHARED: &str = concat!(
+    "local FENCE, FTTL = 2, 3\n",
+    r"
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return {2, kind} end
+",
+    now_ms!(),
+    r"
+redis.call('zremrangebyscore', KEYS[1], '-inf', nowms)
+local ttl = tonumber(ARGV[2])
+if redis.call('zscore', KEYS[1], ARGV[1]) then
+  redis.call('zadd', KEYS[1], nowms + ttl, ARGV[1])
+  if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
   return {1, redis.call('get', KEYS[2]) or '0'}
 end
-return {0, tostring(redis.call('pttl', KEYS[1]))}
-";
-
-/// Release: compare-and-delete, then wake waiters.
-///
-/// KEYS: lock, channel. ARGV: token.
-const RELEASE: &str = r"
-local v = redis.pcall('get', KEYS[1])
-if v == ARGV[1] then
-  redis.call('del', KEYS[1])
-  redis.call('publish', KEYS[2], 'released')
-  return 1
+local count = redis.call('zcard', KEYS[1])
+local max = tonumber(ARGV[4])
+if max > 0 then
+  local stored = redis.pcall('get', KEYS[3])
+  if type(stored) == 'string' and count > 0 and tonumber(stored) ~= max then return {3, stored} end
+  if count >= max then
+    local first = redis.call('zrange', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, tostring(math.max(1, tonumber(first[2]) - nowms))}
+  end
+else
+  local wk = redis.call('type', KEYS[3])['ok']
+  if wk ~= 'string' and wk ~= 'none' then return {2, wk} end
+  local w = redis.call('pttl', KEYS[3])
+  if w ~= -2 then return {0, tostring(w)} end
+  local i = redis.call('pttl', KEYS[4])
+  if i > 0 then return {0, tostring(i)} end
 end
-return 0
-";
+redis.call('zadd', KEYS[1], nowms + ttl, ARGV[1])
+if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
+if max > 0 then redis.call('set', KEYS[3], ARGV[4], 'PX', redis.call('pttl', KEYS[1])) end
+",
+    mint_fence!(),
+    "return {1, f}\n"
+);
 
-/// Extend a batch: compare-and-pexpire each lease.
+/// Release: compare-and-delete a string, or remove a live sorted-set member;
+/// then wake waiters.
 ///
-/// KEYS: lock keys. ARGV: token, ttl ms, token, ttl ms, ...
-const EXTEND_MANY: &str = r"
+/// KEYS: lock, channel. ARGV: token, `s` (string) or `z` (sorted set).
+const RELEASE: &str = concat!(
+    r"
+local ok = 0
+if ARGV[2] == 'z' then
+",
+    now_ms!(),
+    r"
+  local score = redis.pcall('zscore', KEYS[1], ARGV[1])
+  if type(score) == 'string' then
+    redis.call('zrem', KEYS[1], ARGV[1])
+    if tonumber(score) > nowms then ok = 1 end
+  end
+elseif redis.pcall('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  ok = 1
+end
+if ok == 1 then redis.call('publish', KEYS[2], 'released') end
+return ok
+"
+);
+
+/// Extend a batch: compare-and-pexpire each string, or push each live
+/// sorted-set member's expiry.
+///
+/// KEYS: lock keys. ARGV: kind (`s`/`z`), token, ttl ms, for each key in turn.
+const EXTEND_MANY: &str = concat!(
+    now_ms!(),
+    r"
 local out = {}
 for i = 1, #KEYS do
-  local v = redis.pcall('get', KEYS[i])
-  if v == ARGV[2 * i - 1] then
-    redis.call('pexpire', KEYS[i], ARGV[2 * i])
+  local kind, tok, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], tonumber(ARGV[3 * i])
+  out[i] = 0
+  if kind == 'z' then
+    local score = redis.pcall('zscore', KEYS[i], tok)
+    if type(score) == 'string' and tonumber(score) > nowms then
+      redis.call('zadd', KEYS[i], 'XX', nowms + ttl, tok)
+      if redis.call('pttl', KEYS[i]) < ttl then redis.call('pexpire', KEYS[i], ttl) end
+      out[i] = 1
+    end
+  elseif redis.pcall('get', KEYS[i]) == tok then
+    redis.call('pexpire', KEYS[i], ttl)
     out[i] = 1
-  else
-    out[i] = 0
   end
 end
 return out
-";
+"
+);
 
-/// Force-unlock: delete whoever holds it, then wake waiters.
+/// Count a semaphore's live holders, purging expired ones.
 ///
-/// KEYS: lock, channel.
+/// KEYS: holders.
+const COUNT: &str = concat!(
+    now_ms!(),
+    r"
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return redis.error_reply('WRONGTYPE ' .. kind) end
+redis.call('zremrangebyscore', KEYS[1], '-inf', nowms)
+return redis.call('zcard', KEYS[1])
+"
+);
+
+/// Force-unlock: delete every holder of the name, then wake waiters.
+///
+/// KEYS: holder keys..., channel (last).
 const FORCE_UNLOCK: &str = r"
-local n = redis.call('del', KEYS[1])
-redis.call('publish', KEYS[2], 'released')
+local n = 0
+for i = 1, #KEYS - 1 do n = n + redis.call('del', KEYS[i]) end
+redis.call('publish', KEYS[#KEYS], 'released')
 return n
 ";
 
 struct Scripts {
-    acquire: Script,
+    exclusive: Script,
+    shared: Script,
     release: Script,
     extend_many: Script,
+    count: Script,
     force_unlock: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    acquire: Script::new(ACQUIRE),
+    exclusive: Script::new(ACQUIRE_EXCLUSIVE),
+    shared: Script::new(ACQUIRE_SHARED),
     release: Script::new(RELEASE),
     extend_many: Script::new(EXTEND_MANY),
+    count: Script::new(COUNT),
     force_unlock: Script::new(FORCE_UNLOCK),
 });
+
+/// The acquire invocation for a kind of lock.
+fn acquire_invocation<'a>(
+    keys: &Keys,
+    token: &str,
+    expiry: Duration,
+    intent: Duration,
+) -> redis::ScriptInvocation<'a> {
+    let px = millis(expiry);
+    match keys.kind {
+        Kind::Mutex => {
+            let mut inv = SCRIPTS.exclusive.prepare_invoke();
+            inv.key(&keys.lock)
+                .key(&keys.fence)
+                .arg(token)
+                .arg(px)
+                .arg(FENCE_TTL_MS);
+            inv
+        }
+        Kind::Write => {
+            let mut inv = SCRIPTS.exclusive.prepare_invoke();
+            inv.key(&keys.lock)
+                .key(&keys.fence)
+                .key(&keys.aux)
+                .key(&keys.intent)
+                .arg(token)
+                .arg(px)
+                .arg(FENCE_TTL_MS)
+                .arg(millis(intent));
+            inv
+        }
+        Kind::Semaphore { max } => {
+            let mut inv = SCRIPTS.shared.prepare_invoke();
+            inv.key(&keys.lock)
+                .key(&keys.fence)
+                .key(&keys.aux)
+                .arg(token)
+                .arg(px)
+                .arg(FENCE_TTL_MS)
+                .arg(max);
+            inv
+        }
+        Kind::Read => {
+            let mut inv = SCRIPTS.shared.prepare_invoke();
+            inv.key(&keys.lock)
+                .key(&keys.fence)
+                .key(&keys.aux)
+                .key(&keys.intent)
+                .arg(token)
+                .arg(px)
+                .arg(FENCE_TTL_MS)
+                .arg(0);
+            inv
+        }
+    }
+}
+
+fn kind_flag(shared: bool) -> &'static str {
+    if shared {
+        "z"
+    } else {
+        "s"
+    }
+}
 
 /// The largest batch of renewals sent in one script call.
 pub(crate) const MAX_BATCH: usize = 1000;
@@ -272,6 +466,7 @@ impl RedisBackend {
         keys: &Keys,
         token: &str,
         expiry: Duration,
+        intent: Duration,
     ) -> Result<Attempt> {
         // Until a definite answer arrives, the attempt may have taken the lock: if
         // this future is dropped or fails, release the token in the background.
@@ -281,19 +476,13 @@ impl RedisBackend {
             token: token.to_owned(),
             conn: None,
         };
-        let px = millis(expiry);
         let mut tries = 0;
         let reply: Vec<Value> = loop {
             tries += 1;
             let (i, conn) = self.conn().await?;
             in_doubt.conn = Some(conn.clone());
             let mut conn = conn;
-            let mut inv = SCRIPTS.acquire.prepare_invoke();
-            inv.key(&keys.lock)
-                .key(&keys.fence)
-                .arg(token)
-                .arg(px)
-                .arg(FENCE_TTL_MS);
+            let inv = acquire_invocation(keys, token, expiry, intent);
             let fut = inv.invoke_async(&mut conn);
             match tokio::time::timeout(self.shared.settings.op_timeout, fut).await {
                 Ok(Ok(v)) => break v,
@@ -321,11 +510,21 @@ impl RedisBackend {
                 .key(&keys.lock)
                 .key(&keys.channel)
                 .arg(token)
+                .arg(kind_flag(keys.kind.shared()))
                 .invoke_async::<i64>(&mut c)
                 .await
         })
         .await
         .map(|n| n == 1)
+    }
+
+    pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
+        let n: i64 = self
+            .call("count", |mut c| async move {
+                SCRIPTS.count.key(&keys.lock).invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     pub(crate) async fn extend_many(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
@@ -335,7 +534,10 @@ impl RedisBackend {
                 .call("renew", |mut c| async move {
                     let mut inv = SCRIPTS.extend_many.prepare_invoke();
                     for r in chunk {
-                        inv.key(&r.key).arg(&r.token).arg(millis(r.ttl));
+                        inv.key(&r.key)
+                            .arg(kind_flag(r.shared))
+                            .arg(&r.token)
+                            .arg(millis(r.ttl));
                     }
                     inv.invoke_async(&mut c).await
                 })
@@ -350,17 +552,17 @@ impl RedisBackend {
         Ok(out)
     }
 
-    pub(crate) async fn force_unlock(&self, keys: &Keys) -> Result<bool> {
+    pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
         self.call("force unlock", |mut c| async move {
-            SCRIPTS
-                .force_unlock
-                .key(&keys.lock)
-                .key(&keys.channel)
-                .invoke_async::<i64>(&mut c)
-                .await
+            let mut inv = SCRIPTS.force_unlock.prepare_invoke();
+            for k in holders {
+                inv.key(k);
+            }
+            inv.key(channel);
+            inv.invoke_async::<i64>(&mut c).await
         })
         .await
-        .map(|n| n == 1)
+        .map(|n| n > 0)
     }
 
     pub(crate) async fn subscribe(&self, channel: &str) -> (Subscription, bool) {
@@ -441,6 +643,14 @@ fn parse_attempt(keys: &Keys, reply: &[Value]) -> Result<Attempt> {
             key: crate::error::shorten(&keys.name),
             found: text,
         }),
+        3 => Err(Error::config(format!(
+            "semaphore `{}` exists with {text} permits, not {}",
+            crate::error::shorten(&keys.name),
+            match keys.kind {
+                Kind::Semaphore { max } => max,
+                _ => 0,
+            }
+        ))),
         _ => Err(bad()),
     }
 }
@@ -473,6 +683,7 @@ impl Drop for InDoubt {
                     .key(&keys.lock)
                     .key(&keys.channel)
                     .arg(&token)
+                    .arg(kind_flag(keys.kind.shared()))
                     .invoke_async::<i64>(&mut conn),
             )
             .await;
