@@ -560,7 +560,12 @@ async fn lost_fires_before_another_replica_acquires_a_paused_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_increase_across_a_restart_without_persistence() {
     let mut server = RedisServer::start().await;
-    let a = Locker::connect(&server.url()).await.unwrap();
+    let a = Locker::builder()
+        .url(server.url())
+        .expiry(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
     let first = a.lock("fence").acquire().await.unwrap();
     let before = first.fencing_token();
     first.release().await.unwrap();
@@ -569,7 +574,7 @@ async fn fencing_tokens_increase_across_a_restart_without_persistence() {
     let after = loop {
         match a
             .lock("fence")
-            .acquire_timeout(Duration::from_secs(2))
+            .acquire_timeout(Duration::from_secs(5))
             .await
         {
             Ok(g) => break g.fencing_token(),
@@ -578,6 +583,56 @@ async fn fencing_tokens_increase_across_a_restart_without_persistence() {
         }
     };
     assert!(after > before, "{after} after {before}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_restart_nobody_acquires_before_the_old_holder_learns() {
+    let mut server = RedisServer::start().await;
+    let builder = || {
+        Locker::builder()
+            .url(server.url())
+            .expiry(Duration::from_secs(2))
+            .op_timeout(Duration::from_millis(300))
+    };
+    let a = builder().build().await.unwrap();
+    let b = builder().build().await.unwrap();
+    // B has talked to this server before: it knows its run_id.
+    drop(b.lock("warm-up").acquire().await.unwrap());
+    let held = a.lock("restarted").acquire().await.unwrap();
+    let lost = tokio::spawn({
+        let lost = held.lost();
+        async move {
+            lost.await;
+            Instant::now()
+        }
+    });
+    server.kill();
+    server.restart().await;
+    let started = Instant::now();
+    let acquired_at = loop {
+        match b
+            .lock("restarted")
+            .acquire_timeout(Duration::from_secs(6))
+            .await
+        {
+            Ok(_g) => break Instant::now(),
+            Err(e) if e.is_unavailable() => continue,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let lost_at = timeout(Duration::from_secs(1), lost)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        lost_at <= acquired_at,
+        "the old holder learned after the new one acquired"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "quarantine too long: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

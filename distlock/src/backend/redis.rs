@@ -1,7 +1,7 @@
 //! The Redis backend: owner-checked Lua scripts over a few multiplexed connections
 //! that stay checked out of the pool, plus one pub/sub connection for wake-ups.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script, Value};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Attempt, Renewal};
@@ -316,6 +317,21 @@ struct Shared {
     /// The pub/sub task, started on first use (it needs a runtime).
     pubsub: Mutex<Option<(redis::Client, mpsc::UnboundedReceiver<SubCmd>)>>,
     shutdown: CancellationToken,
+    identity: Mutex<Identity>,
+    /// The longest lease expiry granted through this backend, in ms.
+    longest_expiry_ms: AtomicU64,
+}
+
+/// What the backend knows of the server it talks to. A new `run_id` on a new
+/// connection means the server restarted, and may have lost every lock (no
+/// persistence): acquisitions then wait until every lease granted before the
+/// restart has expired, so that no old holder can still believe it holds a key
+/// a new owner takes. (Its renewals fail at once, so it learns within one
+/// renewal period; this closes the gap before that.)
+#[derive(Debug, Default)]
+struct Identity {
+    run_id: Option<String>,
+    quarantine_until: Option<Instant>,
 }
 
 /// One Redis server (or a Sentinel-managed master) reached through a pool.
@@ -356,6 +372,8 @@ impl RedisBackend {
                 hub,
                 pubsub: Mutex::new(pubsub),
                 shutdown: CancellationToken::new(),
+                identity: Mutex::default(),
+                longest_expiry_ms: AtomicU64::new(0),
             }),
         }
     }
@@ -409,9 +427,61 @@ impl RedisBackend {
                 source: None,
             })?
             .map_err(pool_error)?;
-        let conn = (*obj).clone();
+        let mut conn = (*obj).clone();
+        self.check_identity(&mut conn).await?;
         *s.slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(obj);
         Ok((i, conn))
+    }
+
+    /// Learns the server's `run_id` on a new connection; a change starts the
+    /// restart quarantine (see [`Identity`]).
+    async fn check_identity(&self, conn: &mut MultiplexedConnection) -> Result<()> {
+        let s = &self.shared;
+        let info = tokio::time::timeout(
+            s.settings.op_timeout,
+            redis::cmd("INFO").arg("server").query_async::<String>(conn),
+        )
+        .await
+        .map_err(|_| self.timed_out("INFO"))?;
+        let info = match info {
+            Ok(info) => info,
+            // An ACL user without INFO cannot detect restarts; everything else works.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                tracing::debug!("INFO not permitted: server restarts cannot be detected");
+                return Ok(());
+            }
+            Err(e) => return Err(Error::from_redis("INFO", e)),
+        };
+        let Some(run_id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|r| r.trim().to_owned())
+        else {
+            return Ok(());
+        };
+        let mut id = s.identity.lock().unwrap_or_else(PoisonError::into_inner);
+        if id.run_id.as_deref().is_some_and(|known| known != run_id) {
+            let wait = Duration::from_millis(s.longest_expiry_ms.load(Ordering::Relaxed));
+            tracing::warn!(
+                wait_ms = wait.as_millis() as u64,
+                "redis restarted (new run_id): acquisitions wait until leases granted before the restart have expired"
+            );
+            id.quarantine_until = Some(Instant::now() + wait);
+        }
+        id.run_id = Some(run_id);
+        Ok(())
+    }
+
+    /// How long acquisitions must still wait after a server restart.
+    fn quarantine(&self) -> Option<Duration> {
+        let id = self
+            .shared
+            .identity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let until = id.quarantine_until?;
+        let now = Instant::now();
+        (until > now).then(|| until - now)
     }
 
     /// Returns a broken connection to the pool (which recycles or discards it).
@@ -480,6 +550,13 @@ impl RedisBackend {
         let reply: Vec<Value> = loop {
             tries += 1;
             let (i, conn) = self.conn().await?;
+            if let Some(wait) = self.quarantine() {
+                in_doubt.keys = None;
+                return Ok(Attempt::Held { ttl: Some(wait) });
+            }
+            self.shared
+                .longest_expiry_ms
+                .fetch_max(millis(expiry), Ordering::Relaxed);
             in_doubt.conn = Some(conn.clone());
             let mut conn = conn;
             let inv = acquire_invocation(keys, token, expiry, intent);
