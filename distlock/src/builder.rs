@@ -8,10 +8,14 @@ use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectio
 
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisSettings};
+use crate::backend::redlock::RedlockBackend;
 use crate::backend::Backend;
+use crate::error::ServerError;
 use crate::error::{Error, Result};
 use crate::locker::Locker;
+use crate::notify::Hub;
 use crate::options::LeaseOptions;
+use std::sync::Arc;
 
 /// An in-memory lock store: what one Redis server is to several replicas, for
 /// lockers in one process. Clones share the store.
@@ -105,6 +109,7 @@ pub struct LockerBuilder {
     password: Option<String>,
     db: Option<i64>,
     pool: Option<Pool>,
+    servers: Vec<String>,
     memory: Option<MemoryStore>,
     pool_size: usize,
     connections: usize,
@@ -119,6 +124,10 @@ impl fmt::Debug for LockerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockerBuilder")
             .field("url", &self.url.as_deref().map(redact))
+            .field(
+                "servers",
+                &self.servers.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
             .field("host", &self.host)
             .field("port", &self.port)
             .field("username", &self.username)
@@ -150,6 +159,7 @@ impl LockerBuilder {
             password: None,
             db: None,
             pool: None,
+            servers: Vec::new(),
             memory: None,
             pool_size: 16,
             connections: 2,
@@ -165,6 +175,17 @@ impl LockerBuilder {
     /// for TLS (with the `tls` feature), `unix:///path` for a socket.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
+        self
+    }
+    /// Redlock: one lock over these independent servers (3 or 5). Every
+    /// operation must succeed on a majority; a minority may be down. `username`,
+    /// `password` and `db` apply to every server; `host`/`port` may not be used.
+    pub fn servers<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.servers = urls.into_iter().map(Into::into).collect();
         self
     }
     /// The host (overrides the URL's).
@@ -327,12 +348,15 @@ impl LockerBuilder {
             op_timeout: self.op_timeout,
             connect_timeout: self.connect_timeout,
         };
+        if !self.servers.is_empty() {
+            return self.build_redlock(settings).await;
+        }
         let have_address = self.url.is_some() || self.host.is_some() || self.port.is_some();
         let (pool, pubsub, description) = match &self.pool {
             Some(pool) => {
                 let pubsub = if have_address {
                     Some(
-                        redis::Client::open(self.connection_info()?)
+                        redis::Client::open(self.connection_info(self.url.as_deref())?)
                             .map_err(|e| Error::from_redis("client", e))?,
                     )
                 } else {
@@ -341,23 +365,9 @@ impl LockerBuilder {
                 (pool.clone(), pubsub, "redis (pool)".to_owned())
             }
             None => {
-                let info = self.connection_info()?;
+                let info = self.connection_info(self.url.as_deref())?;
                 let description = format!("redis {}", describe(&info));
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.op_timeout));
-                let manager = Manager::new_with_config(info.clone(), config)
-                    .map_err(|e| Error::from_redis("client", e))?;
-                let pool = Pool::builder(manager)
-                    .max_size(self.pool_size)
-                    .runtime(Runtime::Tokio1)
-                    .wait_timeout(Some(self.connect_timeout))
-                    .create_timeout(Some(self.connect_timeout))
-                    .recycle_timeout(Some(self.op_timeout))
-                    .build()
-                    .map_err(|e| Error::config(format!("connection pool: {e}")))?;
-                let client =
-                    redis::Client::open(info).map_err(|e| Error::from_redis("client", e))?;
+                let (pool, client) = self.pool_for(info)?;
                 (pool, Some(client), description)
             }
         };
@@ -369,9 +379,105 @@ impl LockerBuilder {
         Ok(self.finish(Backend::Redis(backend), description))
     }
 
-    /// The connection info from the URL and the separate settings.
-    fn connection_info(&self) -> Result<ConnectionInfo> {
-        let mut info = match &self.url {
+    /// A pool (and a client for pub/sub) for one server.
+    fn pool_for(&self, info: ConnectionInfo) -> Result<(Pool, redis::Client)> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.op_timeout));
+        let manager = Manager::new_with_config(info.clone(), config)
+            .map_err(|e| Error::from_redis("client", e))?;
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let client = redis::Client::open(info).map_err(|e| Error::from_redis("client", e))?;
+        Ok((pool, client))
+    }
+
+    /// Redlock over `servers`: a pool and a pub/sub connection per server, all
+    /// feeding one hub. Up to a minority of servers may be down at start; two
+    /// URLs that reach the same server (same `run_id`) are a configuration error.
+    async fn build_redlock(self, settings: RedisSettings) -> Result<Locker> {
+        let n = self.servers.len();
+        if n < 2 {
+            return Err(Error::config(
+                "Redlock needs at least 2 servers (3 or 5 to survive failures)",
+            ));
+        }
+        if self.pool.is_some() || self.url.is_some() {
+            return Err(Error::config(
+                "servers(...) cannot be combined with url(...) or pool(...)",
+            ));
+        }
+        let quorum = n / 2 + 1;
+        let (hub, feeds) = Hub::remote(n, quorum);
+        let mut servers = Vec::with_capacity(n);
+        for (url, feed) in self.servers.iter().zip(feeds) {
+            let (pool, client) = self.pool_for(self.connection_info(Some(url))?)?;
+            let backend = RedisBackend::with_hub(
+                pool,
+                Some((client, feed)),
+                Arc::clone(&hub),
+                settings.clone(),
+            );
+            servers.push((redact(url), backend));
+        }
+        let checks = futures_util::future::join_all(servers.iter().map(|(_, b)| b.verify())).await;
+        let shutdown = |servers: &[(String, RedisBackend)]| {
+            for (_, b) in servers {
+                b.shutdown();
+            }
+        };
+        let mut seen: Vec<(String, &str)> = Vec::new();
+        let mut causes = Vec::new();
+        for ((name, _), check) in servers.iter().zip(checks) {
+            match check {
+                Ok(Some(run_id)) => {
+                    if let Some((other, _)) = seen.iter().find(|(id, _)| *id == run_id) {
+                        let msg = format!(
+                            "`{other}` and `{name}` reach the same Redis server: Redlock needs independent servers"
+                        );
+                        shutdown(&servers);
+                        return Err(Error::config(msg));
+                    }
+                    seen.push((run_id, name));
+                }
+                Ok(None) => {}
+                Err(e @ (Error::Auth { .. } | Error::Config(_))) => {
+                    shutdown(&servers);
+                    return Err(e);
+                }
+                Err(error) => causes.push(ServerError {
+                    server: name.clone(),
+                    error,
+                }),
+            }
+        }
+        if causes.len() > n - quorum {
+            shutdown(&servers);
+            return Err(Error::Quorum {
+                succeeded: n - causes.len(),
+                needed: quorum,
+                causes,
+            });
+        }
+        for c in &causes {
+            tracing::warn!(server = %c.server, error = %c.error, "redlock server unavailable at start");
+        }
+        let description = format!("redlock over {n} servers");
+        Ok(self.finish(
+            Backend::Redlock(RedlockBackend::new(servers, hub)),
+            description,
+        ))
+    }
+
+    /// The connection info from a URL (or the default) and the separate settings.
+    fn connection_info(&self, url: Option<&str>) -> Result<ConnectionInfo> {
+        let mut info = match url {
             Some(url) => parse_url(url)?,
             None => ConnectionAddr::Tcp(
                 self.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
@@ -380,7 +486,7 @@ impl LockerBuilder {
             .into_connection_info()
             .map_err(|e| Error::config(format!("invalid address: {e}")))?,
         };
-        if self.url.is_some() && (self.host.is_some() || self.port.is_some()) {
+        if url.is_some() && (self.host.is_some() || self.port.is_some()) {
             let (host, port) = match info.addr() {
                 ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
                 ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),

@@ -114,6 +114,22 @@ impl Locker {
         Locker::builder().url(url).build().await
     }
 
+    /// Redlock over these independent servers (3 or 5) with default options;
+    /// see [`LockerBuilder::servers`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Locker::connect`] for each server; [`Error::Quorum`] if more than a
+    /// minority cannot be reached; [`Error::Config`] if two URLs reach the same
+    /// server.
+    pub async fn redlock<I, S>(urls: I) -> Result<Locker>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Locker::builder().servers(urls).build().await
+    }
+
     /// A builder for every option; see [`LockerBuilder`].
     pub fn builder() -> LockerBuilder {
         LockerBuilder::new()

@@ -5,6 +5,7 @@
 
 pub(crate) mod memory;
 pub(crate) mod redis;
+pub(crate) mod redlock;
 
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ pub(crate) struct Renewal {
 #[derive(Debug, Clone)]
 pub(crate) enum Backend {
     Redis(redis::RedisBackend),
+    Redlock(redlock::RedlockBackend),
     Memory(memory::MemoryBackend),
 }
 
@@ -50,6 +52,7 @@ impl Backend {
     ) -> Result<Attempt> {
         match self {
             Backend::Redis(b) => b.acquire(keys, token, expiry, intent).await,
+            Backend::Redlock(b) => b.acquire(keys, token, expiry, intent).await,
             Backend::Memory(b) => b.acquire(keys, token, expiry, intent),
         }
     }
@@ -58,6 +61,7 @@ impl Backend {
     pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
         match self {
             Backend::Redis(b) => b.count(keys).await,
+            Backend::Redlock(b) => b.count(keys).await,
             Backend::Memory(b) => Ok(b.count(keys)),
         }
     }
@@ -67,6 +71,7 @@ impl Backend {
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
         match self {
             Backend::Redis(b) => b.release(keys, token).await,
+            Backend::Redlock(b) => b.release(keys, token).await,
             Backend::Memory(b) => Ok(b.release(keys, token)),
         }
     }
@@ -75,6 +80,7 @@ impl Backend {
     pub(crate) async fn extend_many(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
         match self {
             Backend::Redis(b) => b.extend_many(batch).await,
+            Backend::Redlock(b) => b.extend_many(batch).await,
             Backend::Memory(b) => Ok(b.extend_many(batch)),
         }
     }
@@ -83,6 +89,7 @@ impl Backend {
     pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
         match self {
             Backend::Redis(b) => b.force_unlock(holders, channel).await,
+            Backend::Redlock(b) => b.force_unlock(holders, channel).await,
             Backend::Memory(b) => Ok(b.force_unlock(holders, channel)),
         }
     }
@@ -92,6 +99,7 @@ impl Backend {
     pub(crate) async fn subscribe(&self, keys: &Keys) -> (Subscription, bool) {
         match self {
             Backend::Redis(b) => b.subscribe(&keys.channel).await,
+            Backend::Redlock(b) => b.subscribe(&keys.channel).await,
             Backend::Memory(b) => b.hub().subscribe(&keys.channel).await,
         }
     }
@@ -100,6 +108,7 @@ impl Backend {
     pub(crate) fn shutdown(&self) {
         match self {
             Backend::Redis(b) => b.shutdown(),
+            Backend::Redlock(b) => b.shutdown(),
             Backend::Memory(_) => {}
         }
     }

@@ -202,6 +202,17 @@ return redis.call('zcard', KEYS[1])
 "
 );
 
+/// Raises a fencing counter to at least `ARGV[1]` (Redlock's write-back).
+///
+/// KEYS: fence. ARGV: floor, ttl ms.
+const FENCE_FLOOR: &str = r"
+local c = tonumber(redis.pcall('get', KEYS[1]) or '0') or 0
+if c < tonumber(ARGV[1]) then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+";
+
 /// Force-unlock: delete every holder of the name, then wake waiters.
 ///
 /// KEYS: holder keys..., channel (last).
@@ -218,6 +229,7 @@ struct Scripts {
     release: Script,
     extend_many: Script,
     count: Script,
+    fence_floor: Script,
     force_unlock: Script,
 }
 
@@ -227,6 +239,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     release: Script::new(RELEASE),
     extend_many: Script::new(EXTEND_MANY),
     count: Script::new(COUNT),
+    fence_floor: Script::new(FENCE_FLOOR),
     force_unlock: Script::new(FORCE_UNLOCK),
 });
 
@@ -353,13 +366,24 @@ impl RedisBackend {
     /// Wraps a pool. `pubsub` is the client for the wake-up connection; without it,
     /// waiters poll with backoff.
     pub(crate) fn new(pool: Pool, pubsub: Option<redis::Client>, settings: RedisSettings) -> Self {
-        let (hub, pubsub) = match pubsub {
+        match pubsub {
             Some(client) => {
-                let (hub, rx) = Hub::remote();
-                (hub, Some((client, rx)))
+                let (hub, mut rxs) = Hub::remote(1, 1);
+                let feed = rxs.pop().map(|rx| (client, rx));
+                RedisBackend::with_hub(pool, feed, hub, settings)
             }
-            None => (Hub::absent(), None),
-        };
+            None => RedisBackend::with_hub(pool, None, Hub::absent(), settings),
+        }
+    }
+
+    /// Wraps a pool whose pub/sub connection (if any) feeds a hub shared with
+    /// other servers (Redlock).
+    pub(crate) fn with_hub(
+        pool: Pool,
+        pubsub: Option<(redis::Client, mpsc::UnboundedReceiver<SubCmd>)>,
+        hub: Arc<Hub>,
+        settings: RedisSettings,
+    ) -> Self {
         let slots = (0..settings.connections.max(1))
             .map(|_| Mutex::new(None))
             .collect();
@@ -386,20 +410,17 @@ impl RedisBackend {
         self.shared.pool.close();
     }
 
-    /// Checks out one connection, proving the server is reachable and the
-    /// credentials are right.
-    pub(crate) async fn verify(&self) -> Result<()> {
-        let (_, mut conn) = self.conn().await?;
-        let pong: RedisResultTimeout<String> = tokio::time::timeout(
-            self.shared.settings.op_timeout,
-            redis::cmd("PING").query_async(&mut conn),
-        )
-        .await;
-        match pong {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(Error::from_redis("PING", e)),
-            Err(_) => Err(self.timed_out("PING")),
-        }
+    /// Checks out one connection (which asks the server for its identity),
+    /// proving the server is reachable and the credentials are right. Returns
+    /// the server's `run_id` when the user may read it.
+    pub(crate) async fn verify(&self) -> Result<Option<String>> {
+        self.conn().await?;
+        let id = self
+            .shared
+            .identity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(id.run_id.clone())
     }
 
     /// A connection from the round-robin slots, checking one out of the pool if
@@ -642,12 +663,28 @@ impl RedisBackend {
         .map(|n| n > 0)
     }
 
+    /// Raises the fencing counter of `keys` to at least `floor`.
+    pub(crate) async fn raise_fence(&self, keys: &Keys, floor: u64) -> Result<()> {
+        self.call("fence", |mut c| async move {
+            SCRIPTS
+                .fence_floor
+                .key(&keys.fence)
+                .arg(floor)
+                .arg(FENCE_TTL_MS)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
     pub(crate) async fn subscribe(&self, channel: &str) -> (Subscription, bool) {
         self.start_pubsub();
         self.shared.hub.subscribe(channel).await
     }
 
-    fn start_pubsub(&self) {
+    /// Starts the pub/sub connection task, once, if this backend has one.
+    pub(crate) fn start_pubsub(&self) {
         let s = &self.shared;
         let mut slot = s.pubsub.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
@@ -667,9 +704,6 @@ impl RedisBackend {
         }
     }
 }
-
-type RedisResultTimeout<T> =
-    std::result::Result<redis::RedisResult<T>, tokio::time::error::Elapsed>;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
