@@ -110,6 +110,7 @@ pub struct LockerBuilder {
     db: Option<i64>,
     pool: Option<Pool>,
     servers: Vec<String>,
+    cluster: Vec<String>,
     memory: Option<MemoryStore>,
     pool_size: usize,
     connections: usize,
@@ -127,6 +128,10 @@ impl fmt::Debug for LockerBuilder {
             .field(
                 "servers",
                 &self.servers.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "cluster",
+                &self.cluster.iter().map(|u| redact(u)).collect::<Vec<_>>(),
             )
             .field("host", &self.host)
             .field("port", &self.port)
@@ -160,6 +165,7 @@ impl LockerBuilder {
             db: None,
             pool: None,
             servers: Vec::new(),
+            cluster: Vec::new(),
             memory: None,
             pool_size: 16,
             connections: 2,
@@ -186,6 +192,17 @@ impl LockerBuilder {
         S: Into<String>,
     {
         self.servers = urls.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Redis Cluster: these are seed nodes (any of its nodes will do; give a
+    /// few). Every lock's keys share a hash tag, so each script runs on the one
+    /// node owning the lock's slot. `username` and `password` apply to every node.
+    pub fn cluster<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cluster = urls.into_iter().map(Into::into).collect();
         self
     }
     /// The host (overrides the URL's).
@@ -348,8 +365,16 @@ impl LockerBuilder {
             op_timeout: self.op_timeout,
             connect_timeout: self.connect_timeout,
         };
+        if !self.servers.is_empty() && !self.cluster.is_empty() {
+            return Err(Error::config(
+                "servers(...) and cluster(...) cannot be combined",
+            ));
+        }
         if !self.servers.is_empty() {
             return self.build_redlock(settings).await;
+        }
+        if !self.cluster.is_empty() {
+            return self.build_cluster(settings).await;
         }
         let have_address = self.url.is_some() || self.host.is_some() || self.port.is_some();
         let (pool, pubsub, description) = match &self.pool {
@@ -398,6 +423,44 @@ impl LockerBuilder {
         Ok((pool, client))
     }
 
+    /// A cluster from its seed nodes.
+    async fn build_cluster(self, settings: RedisSettings) -> Result<Locker> {
+        if self.pool.is_some() || self.url.is_some() {
+            return Err(Error::config(
+                "cluster(...) cannot be combined with url(...) or pool(...)",
+            ));
+        }
+        if self.db.is_some_and(|db| db != 0) {
+            return Err(Error::config("Redis Cluster has only database 0"));
+        }
+        let infos = self
+            .cluster
+            .iter()
+            .map(|u| self.connection_info(Some(u)))
+            .collect::<Result<Vec<_>>>()?;
+        let manager = deadpool_redis::cluster::Manager::new(infos.clone(), false)
+            .map_err(|e| Error::from_redis("cluster client", e))?;
+        let pool = deadpool_redis::cluster::Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let nodes = infos
+            .into_iter()
+            .map(|i| redis::Client::open(i).map_err(|e| Error::from_redis("client", e)))
+            .collect::<Result<Vec<_>>>()?;
+        let backend = RedisBackend::cluster(pool, nodes, settings);
+        if let Err(e) = backend.verify().await {
+            backend.shutdown();
+            return Err(e);
+        }
+        let description = format!("redis cluster ({} seed nodes)", self.cluster.len());
+        Ok(self.finish(Backend::Redis(backend), description))
+    }
+
     /// Redlock over `servers`: a pool and a pub/sub connection per server, all
     /// feeding one hub. Up to a minority of servers may be down at start; two
     /// URLs that reach the same server (same `run_id`) are a configuration error.
@@ -418,12 +481,8 @@ impl LockerBuilder {
         let mut servers = Vec::with_capacity(n);
         for (url, feed) in self.servers.iter().zip(feeds) {
             let (pool, client) = self.pool_for(self.connection_info(Some(url))?)?;
-            let backend = RedisBackend::with_hub(
-                pool,
-                Some((client, feed)),
-                Arc::clone(&hub),
-                settings.clone(),
-            );
+            let backend =
+                RedisBackend::member(pool, client, feed, Arc::clone(&hub), settings.clone());
             servers.push((redact(url), backend));
         }
         let checks = futures_util::future::join_all(servers.iter().map(|(_, b)| b.verify())).await;

@@ -9,9 +9,11 @@
 //! Every wait in the harness is bounded; setup failures panic with a message
 //! (and, for a server, the tail of its log).
 
+mod cluster;
 mod proxy;
 mod server;
 
+pub use cluster::RedisCluster;
 pub use proxy::FaultProxy;
 pub use server::{RedisServer, RedisServerBuilder};
 

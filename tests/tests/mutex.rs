@@ -17,7 +17,7 @@ use tokio::time::{timeout, Instant};
 mod common;
 use common::{eventually, Fixture};
 
-both! {
+suite! {
     fifty_tasks_on_two_lockers_never_overlap => check_mutual_exclusion;
     renewal_keeps_a_one_second_lock_for_three_seconds => check_renewal;
     lost_fires_when_an_operator_deletes_the_key => check_lost_on_delete;

@@ -130,7 +130,10 @@ async fn two_of_three_down_is_a_quorum_error_naming_each_server() {
     let survivor = &servers[1];
     let start = Instant::now();
     while survivor.exists("distlock:{k}").await {
-        assert!(start.elapsed() < Duration::from_secs(2), "partial acquisition left behind");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "partial acquisition left behind"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Starting with a majority down fails too.

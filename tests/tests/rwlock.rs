@@ -11,7 +11,7 @@ use tokio::time::{timeout, Instant};
 mod common;
 use common::{eventually, Fixture};
 
-both! {
+suite! {
     readers_share_the_lock => check_readers_share;
     a_writer_excludes_readers_and_writers => check_writer_excludes;
     a_writer_gets_in_while_readers_keep_arriving => check_writer_not_starved;

@@ -12,7 +12,7 @@ use tokio::time::{timeout, Instant};
 mod common;
 use common::{eventually, Fixture};
 
-both! {
+suite! {
     fifty_tasks_on_two_lockers_hold_at_most_three_permits => check_bound;
     a_crashed_holders_permit_frees_after_its_expiry => check_crash;
     permits_renew => check_renewal;

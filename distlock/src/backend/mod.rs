@@ -3,6 +3,7 @@
 //! Every operation is one round trip (one script); the enum dispatches without
 //! boxing on the hot path.
 
+mod conn;
 pub(crate) mod memory;
 pub(crate) mod redis;
 pub(crate) mod redlock;

@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::{Connection, Pool, PoolError};
+use deadpool_redis::{Pool, PoolError};
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::{AnyPool, Checked, Conn};
 use super::{Attempt, Renewal};
 use crate::error::{Error, Result};
 use crate::key::{Keys, Kind};
@@ -322,13 +322,13 @@ pub(crate) struct RedisSettings {
 }
 
 struct Shared {
-    pool: Pool,
-    slots: Box<[Mutex<Option<Connection>>]>,
+    pool: AnyPool,
+    slots: Box<[Mutex<Option<Checked>>]>,
     next: AtomicUsize,
     settings: RedisSettings,
     hub: Arc<Hub>,
     /// The pub/sub task, started on first use (it needs a runtime).
-    pubsub: Mutex<Option<(redis::Client, mpsc::UnboundedReceiver<SubCmd>)>>,
+    pubsub: Mutex<Option<(Vec<redis::Client>, mpsc::UnboundedReceiver<SubCmd>)>>,
     shutdown: CancellationToken,
     identity: Mutex<Identity>,
     /// The longest lease expiry granted through this backend, in ms.
@@ -356,7 +356,8 @@ pub(crate) struct RedisBackend {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("pool", &self.shared.pool.status())
+            .field("pool_size", &self.shared.pool.size())
+            .field("cluster", &self.shared.pool.is_cluster())
             .field("connections", &self.shared.settings.connections)
             .finish_non_exhaustive()
     }
@@ -369,18 +370,48 @@ impl RedisBackend {
         match pubsub {
             Some(client) => {
                 let (hub, mut rxs) = Hub::remote(1, 1);
-                let feed = rxs.pop().map(|rx| (client, rx));
-                RedisBackend::with_hub(pool, feed, hub, settings)
+                let feed = rxs.pop().map(|rx| (vec![client], rx));
+                RedisBackend::with_hub(AnyPool::Single(pool), feed, hub, settings)
             }
-            None => RedisBackend::with_hub(pool, None, Hub::absent(), settings),
+            None => RedisBackend::with_hub(AnyPool::Single(pool), None, Hub::absent(), settings),
         }
     }
 
     /// Wraps a pool whose pub/sub connection (if any) feeds a hub shared with
     /// other servers (Redlock).
-    pub(crate) fn with_hub(
+    /// A Redis Cluster through its pool. Scripts go to the node owning their
+    /// keys' slot; wake-ups use plain PUBLISH, which a cluster delivers to
+    /// subscribers on every node, so the pub/sub connection may use any node
+    /// (the task moves to the next one when a node fails).
+    pub(crate) fn cluster(
+        pool: deadpool_redis::cluster::Pool,
+        nodes: Vec<redis::Client>,
+        settings: RedisSettings,
+    ) -> Self {
+        let (hub, mut rxs) = Hub::remote(1, 1);
+        let feed = rxs.pop().map(|rx| (nodes, rx));
+        RedisBackend::with_hub(AnyPool::Cluster(pool), feed, hub, settings)
+    }
+
+    /// One server of a Redlock: its pub/sub connection feeds the shared hub.
+    pub(crate) fn member(
         pool: Pool,
-        pubsub: Option<(redis::Client, mpsc::UnboundedReceiver<SubCmd>)>,
+        client: redis::Client,
+        feed: mpsc::UnboundedReceiver<SubCmd>,
+        hub: Arc<Hub>,
+        settings: RedisSettings,
+    ) -> Self {
+        RedisBackend::with_hub(
+            AnyPool::Single(pool),
+            Some((vec![client], feed)),
+            hub,
+            settings,
+        )
+    }
+
+    fn with_hub(
+        pool: AnyPool,
+        pubsub: Option<(Vec<redis::Client>, mpsc::UnboundedReceiver<SubCmd>)>,
         hub: Arc<Hub>,
         settings: RedisSettings,
     ) -> Self {
@@ -414,6 +445,14 @@ impl RedisBackend {
     /// proving the server is reachable and the credentials are right. Returns
     /// the server's `run_id` when the user may read it.
     pub(crate) async fn verify(&self) -> Result<Option<String>> {
+        if self.shared.pool.is_cluster() {
+            let _: String = self
+                .call("PING", |mut c| async move {
+                    redis::cmd("PING").query_async(&mut c).await
+                })
+                .await?;
+            return Ok(None);
+        }
         self.conn().await?;
         let id = self
             .shared
@@ -425,7 +464,7 @@ impl RedisBackend {
 
     /// A connection from the round-robin slots, checking one out of the pool if
     /// the slot is empty.
-    async fn conn(&self) -> Result<(usize, MultiplexedConnection)> {
+    async fn conn(&self) -> Result<(usize, Conn)> {
         let s = &self.shared;
         if s.shutdown.is_cancelled() {
             return Err(Error::Closed);
@@ -436,7 +475,7 @@ impl RedisBackend {
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
         {
-            return Ok((i, (**c).clone()));
+            return Ok((i, c.conn()));
         }
         let obj = tokio::time::timeout(s.settings.connect_timeout, s.pool.get())
             .await
@@ -448,15 +487,18 @@ impl RedisBackend {
                 source: None,
             })?
             .map_err(pool_error)?;
-        let mut conn = (*obj).clone();
-        self.check_identity(&mut conn).await?;
+        let mut conn = obj.conn();
+        if !s.pool.is_cluster() {
+            // A cluster answers INFO from any node: no single identity to track.
+            self.check_identity(&mut conn).await?;
+        }
         *s.slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(obj);
         Ok((i, conn))
     }
 
     /// Learns the server's `run_id` on a new connection; a change starts the
     /// restart quarantine (see [`Identity`]).
-    async fn check_identity(&self, conn: &mut MultiplexedConnection) -> Result<()> {
+    async fn check_identity(&self, conn: &mut Conn) -> Result<()> {
         let s = &self.shared;
         let info = tokio::time::timeout(
             s.settings.op_timeout,
@@ -528,7 +570,7 @@ impl RedisBackend {
     /// connection itself failed.
     async fn call<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let mut tries = 0;
@@ -626,28 +668,46 @@ impl RedisBackend {
     }
 
     pub(crate) async fn extend_many(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
+        if self.shared.pool.is_cluster() {
+            // One script may only touch one slot: renew each lease on its own,
+            // all at once (the cluster connection pipelines them per node).
+            let each = batch
+                .iter()
+                .map(|r| self.extend_chunk(std::slice::from_ref(r)));
+            let results = futures_util::future::join_all(each).await;
+            let mut out = Vec::with_capacity(batch.len());
+            for r in results {
+                out.extend(r?);
+            }
+            return Ok(out);
+        }
         let mut out = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(MAX_BATCH) {
-            let flags: Vec<i64> = self
-                .call("renew", |mut c| async move {
-                    let mut inv = SCRIPTS.extend_many.prepare_invoke();
-                    for r in chunk {
-                        inv.key(&r.key)
-                            .arg(kind_flag(r.shared))
-                            .arg(&r.token)
-                            .arg(millis(r.ttl));
-                    }
-                    inv.invoke_async(&mut c).await
-                })
-                .await?;
-            if flags.len() != chunk.len() {
-                return Err(Error::Redis {
-                    source: "renewal script returned a reply of the wrong length".into(),
-                });
-            }
-            out.extend(flags.into_iter().map(|f| f == 1));
+            out.extend(self.extend_chunk(chunk).await?);
         }
         Ok(out)
+    }
+
+    /// One renewal script call for leases in one slot.
+    async fn extend_chunk(&self, chunk: &[Renewal]) -> Result<Vec<bool>> {
+        let flags: Vec<i64> = self
+            .call("renew", |mut c| async move {
+                let mut inv = SCRIPTS.extend_many.prepare_invoke();
+                for r in chunk {
+                    inv.key(&r.key)
+                        .arg(kind_flag(r.shared))
+                        .arg(&r.token)
+                        .arg(millis(r.ttl));
+                }
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        if flags.len() != chunk.len() {
+            return Err(Error::Redis {
+                source: "renewal script returned a reply of the wrong length".into(),
+            });
+        }
+        Ok(flags.into_iter().map(|f| f == 1).collect())
     }
 
     pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
@@ -773,7 +833,7 @@ struct InDoubt {
     backend: RedisBackend,
     keys: Option<Keys>,
     token: String,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
 }
 
 impl Drop for InDoubt {
@@ -809,14 +869,19 @@ impl Drop for InDoubt {
 /// turns messages into wake-ups, and reconnects (resubscribing, and waking every
 /// waiter in case a message was missed) when the connection drops.
 async fn pubsub_task(
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     hub: Arc<Hub>,
     mut cmds: mpsc::UnboundedReceiver<SubCmd>,
     shutdown: CancellationToken,
     settings: RedisSettings,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut next = 0usize;
     loop {
+        let Some(client) = clients.get(next % clients.len().max(1)) else {
+            return;
+        };
+        next = next.wrapping_add(1);
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = tokio::time::timeout(settings.connect_timeout, client.get_async_pubsub()) => r,
