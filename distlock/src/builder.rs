@@ -111,6 +111,8 @@ pub struct LockerBuilder {
     pool: Option<Pool>,
     servers: Vec<String>,
     cluster: Vec<String>,
+    sentinel: Option<(Vec<String>, String)>,
+    wait_replicas: Option<(u32, Duration)>,
     memory: Option<MemoryStore>,
     pool_size: usize,
     connections: usize,
@@ -132,6 +134,13 @@ impl fmt::Debug for LockerBuilder {
             .field(
                 "cluster",
                 &self.cluster.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "sentinel",
+                &self
+                    .sentinel
+                    .as_ref()
+                    .map(|(u, m)| (u.iter().map(|u| redact(u)).collect::<Vec<_>>(), m)),
             )
             .field("host", &self.host)
             .field("port", &self.port)
@@ -166,6 +175,8 @@ impl LockerBuilder {
             pool: None,
             servers: Vec::new(),
             cluster: Vec::new(),
+            sentinel: None,
+            wait_replicas: None,
             memory: None,
             pool_size: 16,
             connections: 2,
@@ -203,6 +214,30 @@ impl LockerBuilder {
         S: Into<String>,
     {
         self.cluster = urls.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Redis Sentinel: `sentinels` are the Sentinels' URLs, `master` the name
+    /// they monitor. Commands go to the current master, found again after a
+    /// failover; `username`, `password` and `db` apply to the master.
+    pub fn sentinel<I, S>(mut self, sentinels: I, master: impl Into<String>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let urls = sentinels.into_iter().map(Into::into).collect();
+        self.sentinel = Some((urls, master.into()));
+        self
+    }
+    /// After every acquire and renewal, wait until `replicas` replicas have
+    /// acknowledged the write (`WAIT replicas timeout`); if fewer do in time,
+    /// the acquisition is given back and fails with [`Error::Unavailable`] (a
+    /// renewal counts as failed). This narrows the window in which a failover
+    /// to a replica that never received the lock lets a second owner in; it
+    /// does not close it (`WAIT` does not make Redis strongly consistent: a
+    /// replica that acknowledged can still lose the write, and a failover can
+    /// pick one that did not). It also stalls the connection it runs on.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = Some((replicas, timeout));
         self
     }
     /// The host (overrides the URL's).
@@ -364,6 +399,7 @@ impl LockerBuilder {
             connections: self.connections,
             op_timeout: self.op_timeout,
             connect_timeout: self.connect_timeout,
+            wait_replicas: self.wait_replicas,
         };
         if !self.servers.is_empty() && !self.cluster.is_empty() {
             return Err(Error::config(
@@ -375,6 +411,9 @@ impl LockerBuilder {
         }
         if !self.cluster.is_empty() {
             return self.build_cluster(settings).await;
+        }
+        if self.sentinel.is_some() {
+            return self.build_sentinel(settings).await;
         }
         let have_address = self.url.is_some() || self.host.is_some() || self.port.is_some();
         let (pool, pubsub, description) = match &self.pool {
@@ -421,6 +460,68 @@ impl LockerBuilder {
             .map_err(|e| Error::config(format!("connection pool: {e}")))?;
         let client = redis::Client::open(info).map_err(|e| Error::from_redis("client", e))?;
         Ok((pool, client))
+    }
+
+    /// The master that Sentinel names.
+    async fn build_sentinel(mut self, settings: RedisSettings) -> Result<Locker> {
+        let Some((urls, master)) = self.sentinel.take() else {
+            return Err(Error::config("no sentinels given"));
+        };
+        if urls.is_empty() || master.is_empty() {
+            return Err(Error::config(
+                "sentinel(...) needs at least one URL and a master name",
+            ));
+        }
+        if self.pool.is_some() || self.url.is_some() {
+            return Err(Error::config(
+                "sentinel(...) cannot be combined with url(...) or pool(...)",
+            ));
+        }
+        let sentinels = urls
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<Result<Vec<_>>>()?;
+        let node = deadpool_redis::RedisConnectionInfo {
+            db: self.db.unwrap_or(0),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            protocol: deadpool_redis::ProtocolVersion::RESP2,
+        };
+        let node_info = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: Some(node.clone()),
+        };
+        let manager = deadpool_redis::sentinel::Manager::new(
+            sentinels.clone(),
+            master.clone(),
+            Some(node_info.clone()),
+            deadpool_redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|e| Error::from_redis("sentinel client", e))?;
+        let pool = deadpool_redis::sentinel::Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let client = || {
+            redis::sentinel::SentinelClient::build(
+                sentinels.clone(),
+                master.clone(),
+                Some(node_info.clone().into()),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| Error::from_redis("sentinel client", e))
+        };
+        let backend = RedisBackend::sentinel(pool, client()?, client()?, master.clone(), settings);
+        if let Err(e) = backend.verify().await {
+            backend.shutdown();
+            return Err(e);
+        }
+        let description = format!("redis via sentinel (master `{master}`)");
+        Ok(self.finish(Backend::Redis(backend), description))
     }
 
     /// A cluster from its seed nodes.

@@ -17,6 +17,8 @@ pub(crate) enum SubCmd {
     Subscribe(String, oneshot::Sender<bool>),
     /// Unsubscribe from a channel.
     Unsubscribe(String),
+    /// Drop the connection and connect again (the master moved).
+    Reconnect,
 }
 
 #[derive(Debug)]
@@ -131,6 +133,15 @@ impl Hub {
         let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         for c in map.values() {
             c.tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Asks the pub/sub connection tasks to connect again.
+    pub(crate) fn reconnect(&self) {
+        if let Feed::Remote(remotes, _) = &self.feed {
+            for remote in remotes {
+                let _ = remote.send(SubCmd::Reconnect);
+            }
         }
     }
 

@@ -11,10 +11,12 @@
 
 mod cluster;
 mod proxy;
+mod sentinel;
 mod server;
 
 pub use cluster::RedisCluster;
 pub use proxy::FaultProxy;
+pub use sentinel::{RedisSentinel, MASTER_NAME};
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// The workspace README's examples, compiled as doctests.

@@ -5,6 +5,7 @@
 use deadpool_redis::cluster::{
     ClusterConnection, Connection as ClusterChecked, Pool as ClusterPool,
 };
+use deadpool_redis::sentinel::{Connection as SentinelChecked, Pool as SentinelPool};
 use deadpool_redis::{Connection as SingleChecked, Pool as SinglePool, PoolError};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -14,12 +15,15 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 pub(crate) enum AnyPool {
     Single(SinglePool),
     Cluster(ClusterPool),
+    /// The master that Sentinel names, found again after a failover.
+    Sentinel(SentinelPool),
 }
 
 /// A connection checked out of the pool (returned to it when dropped).
 pub(crate) enum Checked {
     Single(SingleChecked),
     Cluster(ClusterChecked),
+    Sentinel(SentinelChecked),
 }
 
 /// A cheap clone of a checked-out connection, to send requests on.
@@ -34,6 +38,7 @@ impl AnyPool {
         Ok(match self {
             AnyPool::Single(p) => Checked::Single(p.get().await?),
             AnyPool::Cluster(p) => Checked::Cluster(p.get().await?),
+            AnyPool::Sentinel(p) => Checked::Sentinel(p.get().await?),
         })
     }
 
@@ -41,6 +46,7 @@ impl AnyPool {
         match self {
             AnyPool::Single(p) => p.close(),
             AnyPool::Cluster(p) => p.close(),
+            AnyPool::Sentinel(p) => p.close(),
         }
     }
 
@@ -48,6 +54,16 @@ impl AnyPool {
         match self {
             AnyPool::Single(p) => p.status().size,
             AnyPool::Cluster(p) => p.status().size,
+            AnyPool::Sentinel(p) => p.status().size,
+        }
+    }
+
+    /// Drops every idle pooled connection (they may lead to a demoted master).
+    pub(crate) fn drop_idle(&self) {
+        match self {
+            AnyPool::Single(p) => drop(p.retain(|_, _| false)),
+            AnyPool::Cluster(p) => drop(p.retain(|_, _| false)),
+            AnyPool::Sentinel(p) => drop(p.retain(|_, _| false)),
         }
     }
 
@@ -61,6 +77,17 @@ impl Checked {
         match self {
             Checked::Single(c) => Conn::Single((**c).clone()),
             Checked::Cluster(c) => Conn::Cluster((**c).clone()),
+            Checked::Sentinel(c) => Conn::Single((**c).clone()),
+        }
+    }
+
+    /// Drops the connection for good instead of returning it to the pool (whose
+    /// recycling check, a PING, would hand a demoted master out again).
+    pub(crate) fn discard(self) {
+        match self {
+            Checked::Single(c) => drop(SingleChecked::take(c)),
+            Checked::Cluster(c) => drop(ClusterChecked::take(c)),
+            Checked::Sentinel(c) => drop(SentinelChecked::take(c)),
         }
     }
 }

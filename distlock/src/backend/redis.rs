@@ -319,6 +319,9 @@ pub(crate) struct RedisSettings {
     pub(crate) op_timeout: Duration,
     /// The longest connecting may take.
     pub(crate) connect_timeout: Duration,
+    /// After each acquire and renewal, wait for this many replicas to
+    /// acknowledge the write (`WAIT`), for up to this long.
+    pub(crate) wait_replicas: Option<(u32, Duration)>,
 }
 
 struct Shared {
@@ -328,11 +331,32 @@ struct Shared {
     settings: RedisSettings,
     hub: Arc<Hub>,
     /// The pub/sub task, started on first use (it needs a runtime).
-    pubsub: Mutex<Option<(Vec<redis::Client>, mpsc::UnboundedReceiver<SubCmd>)>>,
+    pubsub: Mutex<Option<(PubSubSource, mpsc::UnboundedReceiver<SubCmd>)>>,
     shutdown: CancellationToken,
     identity: Mutex<Identity>,
+    /// Sentinel mode: the client that watches for `+switch-master`, and the
+    /// master's name; taken when the watcher starts.
+    watcher: Mutex<Option<(redis::sentinel::SentinelClient, String)>>,
     /// The longest lease expiry granted through this backend, in ms.
     longest_expiry_ms: AtomicU64,
+}
+
+/// Where the pub/sub connection goes.
+pub(crate) enum PubSubSource {
+    /// These nodes, in turn (one server, or a cluster's seeds).
+    Nodes(Vec<redis::Client>),
+    /// The master Sentinel names now.
+    Sentinel(Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
+}
+
+impl PubSubSource {
+    /// A client for the `attempt`th connection.
+    async fn client(&self, attempt: usize) -> Option<redis::Client> {
+        match self {
+            PubSubSource::Nodes(nodes) => nodes.get(attempt % nodes.len().max(1)).cloned(),
+            PubSubSource::Sentinel(s) => s.lock().await.async_get_client().await.ok(),
+        }
+    }
 }
 
 /// What the backend knows of the server it talks to. A new `run_id` on a new
@@ -370,7 +394,7 @@ impl RedisBackend {
         match pubsub {
             Some(client) => {
                 let (hub, mut rxs) = Hub::remote(1, 1);
-                let feed = rxs.pop().map(|rx| (vec![client], rx));
+                let feed = rxs.pop().map(|rx| (PubSubSource::Nodes(vec![client]), rx));
                 RedisBackend::with_hub(AnyPool::Single(pool), feed, hub, settings)
             }
             None => RedisBackend::with_hub(AnyPool::Single(pool), None, Hub::absent(), settings),
@@ -389,8 +413,57 @@ impl RedisBackend {
         settings: RedisSettings,
     ) -> Self {
         let (hub, mut rxs) = Hub::remote(1, 1);
-        let feed = rxs.pop().map(|rx| (nodes, rx));
+        let feed = rxs.pop().map(|rx| (PubSubSource::Nodes(nodes), rx));
         RedisBackend::with_hub(AnyPool::Cluster(pool), feed, hub, settings)
+    }
+
+    /// The master named by Sentinel, found again after a failover (a connection
+    /// that answers READONLY, from a demoted master, is discarded).
+    pub(crate) fn sentinel(
+        pool: deadpool_redis::sentinel::Pool,
+        pubsub: redis::sentinel::SentinelClient,
+        watcher: redis::sentinel::SentinelClient,
+        master: String,
+        settings: RedisSettings,
+    ) -> Self {
+        let (hub, mut rxs) = Hub::remote(1, 1);
+        let source = PubSubSource::Sentinel(Box::new(tokio::sync::Mutex::new(pubsub)));
+        let feed = rxs.pop().map(|rx| (source, rx));
+        let backend = RedisBackend::with_hub(AnyPool::Sentinel(pool), feed, hub, settings);
+        *backend
+            .shared
+            .watcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((watcher, master));
+        backend
+    }
+
+    /// The master moved: drop every connection to the old one (checked out or
+    /// idle) and move the pub/sub connection. New connections go to the master
+    /// Sentinel names now (and the new `run_id` starts the restart quarantine:
+    /// writes the old master took after the switch are gone).
+    fn master_moved(&self) {
+        for i in 0..self.shared.slots.len() {
+            self.discard(i);
+        }
+        self.shared.pool.drop_idle();
+        self.shared.hub.reconnect();
+    }
+
+    /// Starts the `+switch-master` watcher, once, in Sentinel mode.
+    fn start_watcher(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let taken = self
+            .shared
+            .watcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((client, master)) = taken {
+            rt.spawn(watch_sentinel(self.clone(), client, master));
+        }
     }
 
     /// One server of a Redlock: its pub/sub connection feeds the shared hub.
@@ -403,7 +476,7 @@ impl RedisBackend {
     ) -> Self {
         RedisBackend::with_hub(
             AnyPool::Single(pool),
-            Some((vec![client], feed)),
+            Some((PubSubSource::Nodes(vec![client]), feed)),
             hub,
             settings,
         )
@@ -411,7 +484,7 @@ impl RedisBackend {
 
     fn with_hub(
         pool: AnyPool,
-        pubsub: Option<(Vec<redis::Client>, mpsc::UnboundedReceiver<SubCmd>)>,
+        pubsub: Option<(PubSubSource, mpsc::UnboundedReceiver<SubCmd>)>,
         hub: Arc<Hub>,
         settings: RedisSettings,
     ) -> Self {
@@ -428,6 +501,7 @@ impl RedisBackend {
                 pubsub: Mutex::new(pubsub),
                 shutdown: CancellationToken::new(),
                 identity: Mutex::default(),
+                watcher: Mutex::new(None),
                 longest_expiry_ms: AtomicU64::new(0),
             }),
         }
@@ -445,6 +519,7 @@ impl RedisBackend {
     /// proving the server is reachable and the credentials are right. Returns
     /// the server's `run_id` when the user may read it.
     pub(crate) async fn verify(&self) -> Result<Option<String>> {
+        self.start_watcher();
         if self.shared.pool.is_cluster() {
             let _: String = self
                 .call("PING", |mut c| async move {
@@ -556,6 +631,26 @@ impl RedisBackend {
         drop(old);
     }
 
+    /// Drops a connection to a server that is no longer the master for good.
+    fn discard(&self, i: usize) {
+        let old = self.shared.slots[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(old) = old {
+            old.discard();
+        }
+    }
+
+    /// After an error on slot `i`: drop what cannot serve again.
+    fn after_error(&self, i: usize, e: &RedisError) {
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
+            self.discard(i);
+        } else if is_connection_error(e) {
+            self.invalidate(i);
+        }
+    }
+
     fn timed_out(&self, what: &str) -> Error {
         Error::Unavailable {
             context: format!(
@@ -579,13 +674,12 @@ impl RedisBackend {
             let (i, conn) = self.conn().await?;
             match tokio::time::timeout(self.shared.settings.op_timeout, f(conn)).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if is_connection_error(&e) => {
-                    self.invalidate(i);
-                    if tries >= 2 {
+                Ok(Err(e)) => {
+                    self.after_error(i, &e);
+                    if !retryable(&e) || tries >= 2 {
                         return Err(Error::from_redis(what, e));
                     }
                 }
-                Ok(Err(e)) => return Err(Error::from_redis(what, e)),
                 Err(_) => {
                     self.invalidate(i);
                     return Err(self.timed_out(what));
@@ -626,12 +720,11 @@ impl RedisBackend {
             let fut = inv.invoke_async(&mut conn);
             match tokio::time::timeout(self.shared.settings.op_timeout, fut).await {
                 Ok(Ok(v)) => break v,
-                Ok(Err(e)) if is_connection_error(&e) && tries < 2 => self.invalidate(i),
                 Ok(Err(e)) => {
-                    if is_connection_error(&e) {
-                        self.invalidate(i);
+                    self.after_error(i, &e);
+                    if !retryable(&e) || tries >= 2 {
+                        return Err(Error::from_redis("acquire", e));
                     }
-                    return Err(Error::from_redis("acquire", e));
                 }
                 Err(_) => {
                     self.invalidate(i);
@@ -639,8 +732,13 @@ impl RedisBackend {
                 }
             }
         };
+        let attempt = parse_attempt(keys, &reply);
+        if let (Ok(Attempt::Acquired { .. }), Some(conn)) = (&attempt, in_doubt.conn.as_mut()) {
+            // Dropped or failed from here on, the lock is released by `in_doubt`.
+            self.wait_for_replicas(conn, "acquire").await?;
+        }
         in_doubt.keys = None;
-        parse_attempt(keys, &reply)
+        attempt
     }
 
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
@@ -688,9 +786,38 @@ impl RedisBackend {
         Ok(out)
     }
 
+    /// With `wait_replicas`, blocks (on `conn`, after the write just sent on
+    /// it) until enough replicas acknowledged it.
+    async fn wait_for_replicas(&self, conn: &mut Conn, what: &str) -> Result<()> {
+        let Some((replicas, timeout)) = self.shared.settings.wait_replicas else {
+            return Ok(());
+        };
+        let limit = self.shared.settings.op_timeout + timeout;
+        let acked: i64 = tokio::time::timeout(
+            limit,
+            redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(millis(timeout))
+                .query_async(conn),
+        )
+        .await
+        .map_err(|_| self.timed_out("WAIT"))?
+        .map_err(|e| Error::from_redis("WAIT", e))?;
+        if acked < i64::from(replicas) {
+            return Err(Error::Unavailable {
+                context: format!(
+                    "{what}: only {acked} of {replicas} replicas acknowledged within {}",
+                    crate::options::fmt(timeout)
+                ),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+
     /// One renewal script call for leases in one slot.
     async fn extend_chunk(&self, chunk: &[Renewal]) -> Result<Vec<bool>> {
-        let flags: Vec<i64> = self
+        let (flags, mut conn): (Vec<i64>, Conn) = self
             .call("renew", |mut c| async move {
                 let mut inv = SCRIPTS.extend_many.prepare_invoke();
                 for r in chunk {
@@ -699,9 +826,11 @@ impl RedisBackend {
                         .arg(&r.token)
                         .arg(millis(r.ttl));
                 }
-                inv.invoke_async(&mut c).await
+                let flags = inv.invoke_async(&mut c).await?;
+                Ok((flags, c))
             })
             .await?;
+        self.wait_for_replicas(&mut conn, "renew").await?;
         if flags.len() != chunk.len() {
             return Err(Error::Redis {
                 source: "renewal script returned a reply of the wrong length".into(),
@@ -767,6 +896,12 @@ impl RedisBackend {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Worth one more try on a fresh connection: the connection broke, or it led
+/// to a master that has since been demoted.
+fn retryable(e: &RedisError) -> bool {
+    is_connection_error(e) || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
 }
 
 fn is_connection_error(e: &RedisError) -> bool {
@@ -865,11 +1000,57 @@ impl Drop for InDoubt {
     }
 }
 
+/// Sentinel mode: listens for `+switch-master` on a Sentinel and moves the
+/// backend's connections to the new master. Reconnects (to any Sentinel) when
+/// its connection drops; stops with the backend.
+async fn watch_sentinel(
+    backend: RedisBackend,
+    mut sentinel: redis::sentinel::SentinelClient,
+    master: String,
+) {
+    let shutdown = backend.shared.shutdown.clone();
+    let settings = backend.shared.settings.clone();
+    loop {
+        let connect = async {
+            let client = sentinel.async_get_sentinel_client().await.ok()?;
+            let mut pubsub = client.get_async_pubsub().await.ok()?;
+            pubsub.subscribe("+switch-master").await.ok()?;
+            Some(pubsub)
+        };
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(settings.connect_timeout, connect) => r,
+        };
+        if let Ok(Some(pubsub)) = connected {
+            let mut stream = pubsub.into_on_message();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    msg = stream.next() => match msg {
+                        Some(msg) => {
+                            let payload: String = msg.get_payload().unwrap_or_default();
+                            if payload.split_whitespace().next() == Some(master.as_str()) {
+                                tracing::warn!(%payload, "sentinel switched the master");
+                                backend.master_moved();
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 /// Keeps one pub/sub connection: subscribes and unsubscribes in the order asked,
 /// turns messages into wake-ups, and reconnects (resubscribing, and waking every
 /// waiter in case a message was missed) when the connection drops.
 async fn pubsub_task(
-    clients: Vec<redis::Client>,
+    source: PubSubSource,
     hub: Arc<Hub>,
     mut cmds: mpsc::UnboundedReceiver<SubCmd>,
     shutdown: CancellationToken,
@@ -878,15 +1059,19 @@ async fn pubsub_task(
     let mut backoff = Duration::from_millis(50);
     let mut next = 0usize;
     loop {
-        let Some(client) = clients.get(next % clients.len().max(1)) else {
-            return;
-        };
+        let attempt = next;
         next = next.wrapping_add(1);
+        let connect = async {
+            match source.client(attempt).await {
+                Some(client) => client.get_async_pubsub().await.ok(),
+                None => None,
+            }
+        };
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(settings.connect_timeout, client.get_async_pubsub()) => r,
+            r = tokio::time::timeout(settings.connect_timeout, connect) => r,
         };
-        let Ok(Ok(pubsub)) = connected else {
+        let Ok(Some(pubsub)) = connected else {
             tracing::debug!("pub/sub connection failed; waiters fall back to timers");
             // Answer pending subscriptions at once so waiters use their timers.
             while let Ok(cmd) = cmds.try_recv() {
@@ -924,6 +1109,7 @@ async fn pubsub_task(
                         let _ = ack.send(ok);
                         healthy = ok;
                     }
+                    Some(SubCmd::Reconnect) => healthy = false,
                     Some(SubCmd::Unsubscribe(channel)) => {
                         healthy = matches!(
                             tokio::time::timeout(settings.op_timeout, sink.unsubscribe(&channel)).await,
