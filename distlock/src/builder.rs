@@ -113,6 +113,8 @@ pub struct LockerBuilder {
     cluster: Vec<String>,
     sentinel: Option<(Vec<String>, String)>,
     wait_replicas: Option<(u32, Duration)>,
+    #[cfg(feature = "tls")]
+    tls_root_cert: Option<Vec<u8>>,
     memory: Option<MemoryStore>,
     pool_size: usize,
     connections: usize,
@@ -177,6 +179,8 @@ impl LockerBuilder {
             cluster: Vec::new(),
             sentinel: None,
             wait_replicas: None,
+            #[cfg(feature = "tls")]
+            tls_root_cert: None,
             memory: None,
             pool_size: 16,
             connections: 2,
@@ -238,6 +242,13 @@ impl LockerBuilder {
     /// pick one that did not). It also stalls the connection it runs on.
     pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait_replicas = Some((replicas, timeout));
+        self
+    }
+    /// Trusts this CA certificate (PEM) for `rediss://` connections instead of
+    /// the system's roots: for servers with a private CA.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
     /// The host (overrides the URL's).
@@ -682,7 +693,18 @@ impl LockerBuilder {
             }
             redis = redis.set_db(db);
         }
-        Ok(info.set_redis_settings(redis))
+        let info = info.set_redis_settings(redis);
+        #[cfg(feature = "tls")]
+        if let Some(pem) = &self.tls_root_cert {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            };
+            let client = redis::Client::build_with_tls(info, certs)
+                .map_err(|e| Error::config(format!("TLS root certificate: {e}")))?;
+            return Ok(client.get_connection_info().clone());
+        }
+        Ok(info)
     }
 }
 
