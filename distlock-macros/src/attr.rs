@@ -128,7 +128,10 @@ impl Parse for Args {
                 let path = lit.parse::<Path>().map_err(|_| {
                     syn::Error::new(
                         lit.span(),
-                        format!("`crate` must be a path, like \"distlock\"; got `{}`", lit.value()),
+                        format!(
+                            "`crate` must be a path, like \"distlock\"; got `{}`",
+                            lit.value()
+                        ),
                     )
                 })?;
                 set(&mut b.krate, path, name.span, "crate")?;
@@ -180,7 +183,10 @@ impl Builder {
 /// Stores an option, refusing a second occurrence at its name.
 fn set<T>(slot: &mut Option<T>, value: T, span: Span, name: &str) -> syn::Result<()> {
     if slot.is_some() {
-        return Err(syn::Error::new(span, format!("`{name}` set multiple times")));
+        return Err(syn::Error::new(
+            span,
+            format!("`{name}` set multiple times"),
+        ));
     }
     *slot = Some(value);
     Ok(())

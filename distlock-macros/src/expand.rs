@@ -114,7 +114,9 @@ fn check(sig: &Signature) -> syn::Result<&Type> {
 /// `Result<..>`, `io::Result<..>`, `anyhow::Result<..>`: a path ending in `Result`.
 fn is_result(ty: &Type) -> bool {
     match ty {
-        Type::Path(p) if p.qself.is_none() => p.path.segments.last().is_some_and(|s| s.ident == "Result"),
+        Type::Path(p) if p.qself.is_none() => {
+            p.path.segments.last().is_some_and(|s| s.ident == "Result")
+        }
         Type::Paren(p) => is_result(&p.elem),
         Type::Group(g) => is_result(&g.elem),
         _ => false,
@@ -299,7 +301,7 @@ fn unknown_name(placeholder: &Placeholder, bound: &[Ident], span: Span) -> syn::
         "`self` in the key template, but the function takes no `self`".to_owned()
     } else {
         format!(
-            "unknown name `{}` in the key template `{{{}}}`",
+            "unknown name `{}` in the key template's placeholder `{{{}}}`",
             placeholder.name,
             placeholder.display()
         )
@@ -381,7 +383,12 @@ mod tests {
         ] {
             assert!(is_result(&syn::parse2(ty).unwrap()));
         }
-        for ty in [quote!(()), quote!(Option<u8>), quote!(Results<u8>), quote!(&Result<(), E>)] {
+        for ty in [
+            quote!(()),
+            quote!(Option<u8>),
+            quote!(Results<u8>),
+            quote!(&Result<(), E>),
+        ] {
             assert!(!is_result(&syn::parse2(ty).unwrap()));
         }
     }

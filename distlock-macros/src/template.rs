@@ -168,7 +168,10 @@ impl Placeholder {
             ))
         };
         let mut segments = inner.split('.');
-        let name = segments.next().filter(|s| is_ident(s)).ok_or_else(invalid)?;
+        let name = segments
+            .next()
+            .filter(|s| is_ident(s))
+            .ok_or_else(invalid)?;
         let fields = segments
             .map(|s| {
                 if is_ident(s) {
@@ -204,9 +207,7 @@ impl Placeholder {
 /// reports them at the string).
 fn is_ident(s: &str) -> bool {
     let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c == '_' || c.is_alphabetic())
+    chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
         && chars.all(|c| c == '_' || c.is_alphanumeric())
         && s != "_"
 }
@@ -294,7 +295,12 @@ mod tests {
     fn format_string_escapes_braces_and_marks_placeholders() {
         let t = Template::parse("a{{b}}:{x.y}").unwrap();
         assert_eq!(t.format_string(), "a{{b}}:{}");
-        assert_eq!(t.placeholders().map(Placeholder::display).collect::<Vec<_>>(), ["x.y"]);
+        assert_eq!(
+            t.placeholders()
+                .map(Placeholder::display)
+                .collect::<Vec<_>>(),
+            ["x.y"]
+        );
     }
 
     #[test]
@@ -324,7 +330,11 @@ mod tests {
         for bad in [
             "{a:?}", "{a b}", "{1a}", "{a.}", "{.a}", "{a..b}", "{a.01}", "{_}", "{a-b}", "{a{b}",
         ] {
-            assert!(err(bad).contains("invalid placeholder"), "{bad}: {}", err(bad));
+            assert!(
+                err(bad).contains("invalid placeholder"),
+                "{bad}: {}",
+                err(bad)
+            );
         }
     }
 
