@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
-use syn::parse::{Parse, ParseStream};
+use syn::parse::{Parse, ParseStream, Parser};
 use syn::spanned::Spanned;
-use syn::{Attribute, FnArg, Ident, Pat, ReturnType, Signature, Token, Type, Visibility};
+use syn::{
+    Attribute, Block, Expr, FnArg, Ident, Pat, ReturnType, Signature, Stmt, Token, Type, Visibility,
+};
 
 use crate::attr::{Args, OnBusy};
 use crate::template::{Field, Piece, Placeholder};
@@ -21,9 +23,13 @@ pub(crate) fn distributed_lock(args: TokenStream, item: TokenStream) -> TokenStr
         Err(e) => return token_stream_with_error(item, e),
     };
     let args = syn::parse2::<Args>(args);
-    let checked = check(&function.sig);
+    let tokio = match function.sig.asyncness {
+        Some(_) => None,
+        None => TokioBody::find(&function.body),
+    };
+    let checked = check(&function.sig, tokio.is_some());
     match (args, checked) {
-        (Ok(args), Ok(ret)) => match expand(&args, &function, ret) {
+        (Ok(args), Ok(ret)) => match expand(&args, &function, ret, tokio) {
             Ok(tokens) => tokens,
             Err(e) => token_stream_with_error(item, e),
         },
@@ -40,8 +46,9 @@ fn token_stream_with_error(mut tokens: TokenStream, error: syn::Error) -> TokenS
     tokens
 }
 
-/// A function whose body is kept as tokens: it is wrapped, never inspected, so a
-/// body that does not parse yet still gets the expansion (and its own errors).
+/// A function whose body is kept as tokens: it is wrapped, not parsed (except
+/// for a plain `fn`, see `TokioBody`), so a body that does not parse yet still
+/// gets the expansion and its own errors.
 struct AsyncFn {
     attrs: Vec<Attribute>,
     vis: Visibility,
@@ -77,15 +84,55 @@ impl Parse for AsyncFn {
     }
 }
 
-/// Checks the signature: `async`, and a return type whose path ends in `Result`,
-/// which is returned.
-fn check(sig: &Signature) -> syn::Result<&Type> {
-    let not_async = sig.asyncness.is_none().then(|| {
+/// What `#[tokio::test]` and `#[tokio::main]` leave when they expand before this
+/// attribute: a plain `fn` whose first statement, `let body = async { .. };`,
+/// holds the original body. The lock then wraps that block.
+struct TokioBody {
+    /// `let body =`, with its attributes.
+    binding: TokenStream,
+    /// The `async` block's attributes.
+    async_attrs: Vec<Attribute>,
+    /// The original body.
+    stmts: Vec<Stmt>,
+    /// tokio's statements after it (pinning, `block_on`).
+    rest: Vec<Stmt>,
+}
+
+impl TokioBody {
+    fn find(body: &TokenStream) -> Option<TokioBody> {
+        let stmts = Parser::parse2(Block::parse_within, body.clone()).ok()?;
+        let (first, rest) = stmts.split_first()?;
+        let Stmt::Local(local) = first else {
+            return None;
+        };
+        let Pat::Ident(name) = &local.pat else {
+            return None;
+        };
+        let init = local.init.as_ref()?;
+        let Expr::Async(block) = &*init.expr else {
+            return None;
+        };
+        if name.ident != "body" || init.diverge.is_some() || block.capture.is_some() {
+            return None;
+        }
+        let (attrs, let_token, pat, eq) =
+            (&local.attrs, local.let_token, &local.pat, init.eq_token);
+        Some(TokioBody {
+            binding: quote!(#(#attrs)* #let_token #pat #eq),
+            async_attrs: block.attrs.clone(),
+            stmts: block.block.stmts.clone(),
+            rest: rest.to_vec(),
+        })
+    }
+}
+
+/// Checks the signature: `async` (or tokio's expansion of an `async fn`), and a
+/// return type whose path ends in `Result`, which is returned.
+fn check(sig: &Signature, tokio: bool) -> syn::Result<&Type> {
+    let not_async = (sig.asyncness.is_none() && !tokio).then(|| {
         syn::Error::new(
             sig.fn_token.span,
-            "`#[distributed_lock]` needs an `async fn`: the lock is held across the body's awaits \
-             (under `#[tokio::test]` or `#[tokio::main]`, write `#[distributed_lock]` above them, \
-             so that it sees the `async fn`)",
+            "`#[distributed_lock]` needs an `async fn`: the lock is held across the body's awaits",
         )
     });
     let ret = match &sig.output {
@@ -123,7 +170,12 @@ fn is_result(ty: &Type) -> bool {
     }
 }
 
-fn expand(args: &Args, function: &AsyncFn, ret: &Type) -> syn::Result<TokenStream> {
+fn expand(
+    args: &Args,
+    function: &AsyncFn,
+    ret: &Type,
+    tokio: Option<TokioBody>,
+) -> syn::Result<TokenStream> {
     let AsyncFn {
         attrs,
         vis,
@@ -171,14 +223,31 @@ fn expand(args: &Args, function: &AsyncFn, ret: &Type) -> syn::Result<TokenStrea
     };
     // Spanned at the return type: a return type the runner cannot use is
     // reported there.
-    let call = quote_spanned! {ret.span()=>
-        #krate::__private::#run(#locker, #key, #policy, async move { #fake_return #body }).await
+    let call = |body: TokenStream| {
+        quote_spanned! {ret.span()=>
+            #krate::__private::#run(#locker, #key, #policy, async move { #fake_return #body }).await
+        }
+    };
+    let body = match tokio {
+        None => call(body.clone()),
+        Some(TokioBody {
+            binding,
+            async_attrs,
+            stmts,
+            rest,
+        }) => {
+            let call = call(quote!(#(#stmts)*));
+            quote! {
+                #binding #(#async_attrs)* async { #call };
+                #(#rest)*
+            }
+        }
     };
     Ok(quote! {
         #(#attrs)*
         #vis #sig {
             #(#inner_attrs)*
-            #call
+            #body
         }
     })
 }
@@ -390,6 +459,25 @@ mod tests {
             quote!(&Result<(), E>),
         ] {
             assert!(!is_result(&syn::parse2(ty).unwrap()));
+        }
+    }
+
+    #[test]
+    fn tokio_expansion_is_recognised_and_other_bodies_are_not() {
+        let tokio = quote! {
+            let body = async { work().await?; Ok(()) };
+            ::tokio::pin!(body);
+            return rt.block_on(body);
+        };
+        let found = TokioBody::find(&tokio).unwrap();
+        assert_eq!((found.stmts.len(), found.rest.len()), (2, 2));
+        for other in [
+            quote!(let body = async move { 1 };),
+            quote!(let other = async { 1 };),
+            quote!(work(); let body = async { 1 };),
+            quote!(this does not parse),
+        ] {
+            assert!(TokioBody::find(&other).is_none(), "{other}");
         }
     }
 

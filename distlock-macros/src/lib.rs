@@ -187,14 +187,16 @@ mod template;
 /// # With other attributes
 ///
 /// - `#[tracing::instrument]`: either order.
-/// - `#[tokio::test]` and `#[tokio::main]`: write `#[distributed_lock]` *above*
-///   them. Attribute macros expand from the top, and tokio's turns the
-///   `async fn` into a plain `fn`, which this macro refuses with a message saying
-///   so.
+/// - `#[tokio::test]` and `#[tokio::main]`: either order. Attribute macros
+///   expand from the top, so below tokio's this macro sees the plain `fn` tokio
+///   made, whose first statement `let body = async { .. };` holds the original
+///   body; it wraps that block.
 ///
 /// # What it cannot do
 ///
-/// - Plain (non-`async`) functions: the lock must be held across awaits.
+/// - Plain (non-`async`) functions: the lock must be held across awaits. (The
+///   plain `fn` that `#[tokio::test]` or `#[tokio::main]` leaves is recognised by
+///   its shape, above.)
 /// - Trait method declarations without a body: put it on the implementation.
 /// - Keys with `{` or `}`: distlock refuses them (Redis Cluster hash tags).
 ///

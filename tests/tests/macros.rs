@@ -594,6 +594,13 @@ async fn stacked_on_tokio_test() -> Result<(), AppError> {
     Ok(())
 }
 
+#[tokio::test]
+#[distributed_lock(key = "tokio-test-first", locker = Locker::memory())]
+async fn under_tokio_test() -> Result<(), AppError> {
+    assert_eq!(distlock::current().unwrap().key(), "tokio-test-first");
+    Ok(())
+}
+
 #[tracing::instrument(skip(locker))]
 #[distributed_lock(key = "traced:{id}", locker = locker)]
 async fn instrumented_outside(locker: &Locker, id: u32) -> Result<String, AppError> {

@@ -7,3 +7,9 @@ fn misuse_is_a_compile_error_at_the_offending_token() {
     let t = trybuild::TestCases::new();
     t.compile_fail("ui/macros/*.rs");
 }
+
+#[test]
+fn stacks_below_tokio_main() {
+    let t = trybuild::TestCases::new();
+    t.pass("ui/macros/pass/*.rs");
+}
