@@ -55,7 +55,8 @@ pub(crate) enum OnBusy {
 #[derive(Default)]
 struct Builder {
     key: Option<(Template, LitStr)>,
-    timeout: Option<Duration>,
+    /// With the span of the option's name.
+    timeout: Option<(Duration, Span)>,
     on_busy: Option<OnBusy>,
     at_least: Option<Duration>,
     at_most: Option<Duration>,
@@ -79,7 +80,7 @@ impl Parse for Args {
             } else if lookahead.peek(kw::timeout) {
                 let name = input.parse::<kw::timeout>()?;
                 let d = duration(input, "timeout", |_| None)?;
-                set(&mut b.timeout, d, name.span, "timeout")?;
+                set(&mut b.timeout, (d, name.span), name.span, "timeout")?;
             } else if lookahead.peek(kw::on_busy) {
                 let name = input.parse::<kw::on_busy>()?;
                 let lit = value::<LitStr>(input, "on_busy", "\"wait\"")?;
@@ -167,10 +168,17 @@ impl Builder {
                 "missing `key`: name the lock, like `#[distributed_lock(key = \"invoice:{invoice.id}\")]`",
             )
         })?;
+        let on_busy = self.on_busy.unwrap_or(OnBusy::Wait);
+        if let (Some((_, span)), OnBusy::Skip | OnBusy::Reject) = (self.timeout, on_busy) {
+            return Err(syn::Error::new(
+                span,
+                "`timeout` applies to `on_busy = \"wait\"` only: \"skip\" and \"reject\" make one attempt and never wait",
+            ));
+        }
         Ok(Args {
             key,
-            timeout: self.timeout,
-            on_busy: self.on_busy.unwrap_or(OnBusy::Wait),
+            timeout: self.timeout.map(|(d, _)| d),
+            on_busy,
             at_least: self.at_least,
             at_most: self.at_most,
             expiry: self.expiry,
@@ -246,12 +254,12 @@ mod tests {
     #[test]
     fn every_option_parses() {
         let args = parse(quote::quote! {
-            key = "job:{id}", timeout = "1s 500ms", on_busy = "skip", at_least = "1m",
+            key = "job:{id}", timeout = "1s 500ms", on_busy = "wait", at_least = "1m",
             at_most = "10m", expiry = "30s", locker = self.locks, crate = "my_distlock",
         })
         .unwrap();
         assert_eq!(args.timeout, Some(Duration::from_millis(1500)));
-        assert!(matches!(args.on_busy, OnBusy::Skip));
+        assert!(matches!(args.on_busy, OnBusy::Wait));
         assert_eq!(args.at_least, Some(Duration::from_secs(60)));
         assert_eq!(args.at_most, Some(Duration::from_secs(600)));
         assert_eq!(args.expiry, Some(Duration::from_secs(30)));
@@ -300,6 +308,15 @@ mod tests {
         assert!(err(quote::quote!(key = "k", at_most = "0s")).contains("between 1ms"));
         assert!(err(quote::quote!(key = "k", timeout = "soon")).contains("invalid duration"));
         assert!(err(quote::quote!(key = "k", timeout = 5)).contains("string literal"));
+    }
+
+    #[test]
+    fn timeout_without_waiting_is_refused() {
+        for on_busy in ["skip", "reject"] {
+            let e = err(quote::quote!(key = "k", on_busy = #on_busy, timeout = "1s"));
+            assert!(e.contains("applies to `on_busy = \"wait\"` only"), "{e}");
+        }
+        assert!(parse(quote::quote!(key = "k", on_busy = "wait", timeout = "1s")).is_ok());
     }
 
     #[test]

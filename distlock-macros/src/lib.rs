@@ -64,7 +64,7 @@ mod template;
 /// | option | default | meaning |
 /// |---|---|---|
 /// | `key = "..."` | required | The lock's name, a template over the parameters (below). |
-/// | `timeout = "5s"` | none: wait until acquired | How long to wait for the lock; then the call returns `Err(Error::Timeout)` converted into the function's error type. `"0s"` makes one attempt. Without a timeout the call waits as long as it takes (only a backend error or a closed locker ends the wait), so handlers should set one. |
+/// | `timeout = "5s"` | none: wait until acquired | How long to wait for the lock; then the call returns `Err(Error::Timeout)` converted into the function's error type. `"0s"` makes one attempt. Without a timeout the call waits as long as it takes (only a backend error or a closed locker ends the wait), so handlers should set one. With `on_busy = "wait"` only (a compile error otherwise). |
 /// | `on_busy = "wait"` | `"wait"` | When the lock is held: `"wait"` (up to `timeout`); `"skip"`: do not run the body and return `Ok(Default::default())` (job deduplication, below); `"reject"`: return `Err(Error::Busy)` at once. |
 /// | `at_least = "1m"` | none | Keep the lock this long after it was acquired, even if the body ends sooner (ShedLock's `lockAtLeastFor`): replicas firing the same job late keep skipping. The key then expires by itself. |
 /// | `at_most = "10m"` | none: no limit | Cancel the body once it has held the lock this long: it is dropped, and the call returns `Err(Error::Lost)` with `LostReason::MaxHold`. |
@@ -82,7 +82,9 @@ mod template;
 /// `{name}` interpolates a parameter with `Display`; `{name.field.sub}` and
 /// `{pair.0}` follow fields; `{self.field}` reads the receiver. Names bound
 /// inside patterns work too: `Path(user_id): Path<u64>` gives `{user_id}`,
-/// `State(AppState { db, .. }): State<AppState>` gives `{db}`. `{{` and `}}` are
+/// `State(AppState { db, .. }): State<AppState>` gives `{db}`. Placeholders name
+/// parameters and fields only: no method calls or format specs (`{id:?}`), so
+/// compute such a value into a parameter or a `Display` wrapper. `{{` and `}}` are
 /// literal braces in the template's syntax, but distlock keys cannot contain
 /// braces (they delimit the Redis Cluster hash tag), so they are a compile error
 /// too. An unknown name, an unclosed or empty placeholder and an empty template
