@@ -31,8 +31,127 @@ pub use rwlock::{ReadGuard, RwLock, WriteGuard};
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
+pub use distlock_macros::distributed_lock;
+
 /// Used by code that `#[distributed_lock]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    use std::future::Future;
+    use std::sync::Arc;
+
     pub use crate::locker::default_locker;
+    use crate::{Error, Locker, Policy, Result};
+
+    /// The return type of an annotated function: a `Result` that can carry our error.
+    #[diagnostic::on_unimplemented(
+        message = "`#[distributed_lock]` needs `{Self}` to be a `Result<T, E>` with `E: From<distlock::Error>`",
+        label = "lock errors (timeout, busy, lost) are returned through this type"
+    )]
+    pub trait Output: Sized {
+        /// `Err(error.into())`.
+        fn lock_error(error: Error) -> Self;
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl<T, E: From<Error>> Output for std::result::Result<T, E> {
+        fn lock_error(error: Error) -> Self {
+            Err(E::from(error))
+        }
+    }
+
+    /// `on_busy = "skip"`: what a skipped call returns.
+    #[diagnostic::on_unimplemented(
+        message = "`on_busy = \"skip\"` returns `Ok(Default::default())` when the lock is busy, so the success type of `{Self}` must implement `Default`",
+        label = "the success type of this `Result` has no `Default`",
+        note = "return `Result<Option<T>, E>` or `Result<(), E>`, or use `on_busy = \"reject\"`"
+    )]
+    pub trait Skipped: Output {
+        /// `Ok(T::default())`.
+        fn skipped() -> Self;
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl<T: Default, E: From<Error>> Skipped for std::result::Result<T, E> {
+        fn skipped() -> Self {
+            Ok(T::default())
+        }
+    }
+
+    /// `locker = <expr>`: a `Locker`, a reference to one, or an `Arc` of one.
+    #[diagnostic::on_unimplemented(
+        message = "`locker = ...` must be a `distlock::Locker` (or a reference or `Arc` to one), not `{Self}`",
+        label = "not a `distlock::Locker`"
+    )]
+    pub trait AsLocker {
+        /// The locker.
+        fn as_locker(&self) -> &Locker;
+    }
+
+    impl AsLocker for Locker {
+        fn as_locker(&self) -> &Locker {
+            self
+        }
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl<L: AsLocker + ?Sized> AsLocker for &L {
+        fn as_locker(&self) -> &Locker {
+            (**self).as_locker()
+        }
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl<L: AsLocker + ?Sized> AsLocker for Arc<L> {
+        fn as_locker(&self) -> &Locker {
+            (**self).as_locker()
+        }
+    }
+
+    /// `locker = <expr>`, checked.
+    pub fn locker<L: AsLocker + ?Sized>(locker: &L) -> Result<Locker> {
+        Ok(locker.as_locker().clone())
+    }
+
+    /// The body of an annotated function with `on_busy = "wait"` or `"reject"`.
+    pub async fn run<R: Output, F: Future<Output = R>>(
+        locker: Result<Locker>,
+        key: String,
+        policy: Policy,
+        work: F,
+    ) -> R {
+        run_or(locker, key, policy, work, R::lock_error).await
+    }
+
+    /// The body of an annotated function with `on_busy = "skip"`.
+    pub async fn run_or_skip<R: Skipped, F: Future<Output = R>>(
+        locker: Result<Locker>,
+        key: String,
+        policy: Policy,
+        work: F,
+    ) -> R {
+        run_or(locker, key, policy, work, |_| R::skipped()).await
+    }
+
+    async fn run_or<R: Output>(
+        locker: Result<Locker>,
+        key: String,
+        policy: Policy,
+        work: impl Future<Output = R>,
+        skipped: impl FnOnce(Error) -> R,
+    ) -> R {
+        let lock = match locker {
+            Ok(locker) => locker.lock(key),
+            Err(e) => return R::lock_error(e),
+        };
+        match lock.run(&policy, work).await {
+            Ok(Some(output)) => output,
+            // `Lock::run` skips only with `OnBusy::Skip`.
+            Ok(None) => skipped(Error::Busy {
+                key: crate::error::shorten(lock.key()),
+            }),
+            Err(e) => R::lock_error(e),
+        }
+    }
 }
