@@ -1,5 +1,5 @@
 //! HTTP: lock failures as responses, ready for axum (feature `http`; `axum` adds
-//! [`LockInfo`] as an extractor).
+//! [`LockInfo`](crate::LockInfo) as an extractor).
 //!
 //! [`LockLayer::http`] turns lock failures into HTTP responses made by
 //! [`error_response`], so the layer goes straight onto an axum `Router` (whose
@@ -78,7 +78,7 @@ pub type ErrorFn = fn(&distlock::Error) -> Response<Bytes>;
 pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// Lock failures as responses made by `F`: the mode of [`LockLayer::http`] and
-/// [`LockLayer::grpc`](crate::LockLayer).
+/// `LockLayer::grpc()` (feature `tonic`).
 #[derive(Clone)]
 pub struct AsResponse<F> {
     pub(crate) on_error: F,

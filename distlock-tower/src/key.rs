@@ -224,7 +224,8 @@ mod http {
     }
 }
 
-#[cfg(all(test, feature = "http"))]
+#[cfg(test)]
+#[cfg(feature = "http")]
 mod tests {
     use ::http::{HeaderName, HeaderValue, Request};
 

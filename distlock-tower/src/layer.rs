@@ -23,7 +23,7 @@ use crate::service::LockService;
 ///   [`distlock::Error`]s inside it and inner errors pass through unchanged.
 ///   Works with any request type that implements [`LockRequest`](crate::LockRequest).
 /// - [`AsResponse`](crate::http::AsResponse), from [`http()`](LockLayer::http)
-///   or [`grpc()`](LockLayer::grpc): lock failures become HTTP or gRPC error
+///   or `grpc()` (feature `tonic`): lock failures become HTTP or gRPC error
 ///   responses and the inner service's error type is kept, so the layer can go
 ///   straight onto an axum `Router` or a tonic `Server`.
 ///

@@ -77,7 +77,7 @@
 //!
 //! # tonic
 //!
-//! [`LockLayer::grpc`] (feature `tonic`) answers lock failures with gRPC
+//! `LockLayer::grpc()` (feature `tonic`) answers lock failures with gRPC
 //! statuses (`ABORTED` when busy or lost, `UNAVAILABLE` on a wait timeout or
 //! when Redis is down; see the `grpc` module). The key comes from metadata or
 //! from the method's path, as the message is not decoded yet:
@@ -176,6 +176,6 @@ pub use layer::{AsError, LockLayer};
 pub use service::LockService;
 
 /// The README's examples, compiled as doctests.
-#[cfg(all(doctest, feature = "axum"))]
+#[cfg(all(doctest, feature = "axum", feature = "tonic"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -1,5 +1,6 @@
 //! `LockLayer` in its default mode (lock failures as `BoxError`), with
 //! tower-test's mock service and the in-memory locker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,9 +64,8 @@ async fn within<F: Future>(what: &str, fut: F) -> F::Output {
 async fn next_request(
     handle: &mut mock::Handle<Req, &'static str>,
 ) -> (Req, mock::SendResponse<&'static str>) {
-    within("the inner service got a request", handle.next_request())
-        .await
-        .expect("the mock service is gone")
+    let next = within("the inner service got a request", handle.next_request()).await;
+    next.unwrap_or_else(|| panic!("the mock service is gone"))
 }
 
 fn lock_error(err: &BoxError) -> &distlock::Error {
