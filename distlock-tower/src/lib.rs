@@ -8,20 +8,23 @@
 //! tenant: whatever must not overlap with itself.
 //!
 //! ```text
-//!                 replica A                                      replica B
-//!  request ──▶ ┌─ LockService ─────────────────────────────┐   ┌─ LockService ─┐
-//!              │ 1. key = make_key(&request)                │   │               │
-//!              │    (None: call the inner service, no lock) │   │               │
-//!              │ 2. wait in this process's FIFO line        │   │               │
-//!              │    for the key (one contender per key)     │   │               │
-//!              │ 3. acquire ───────────────────────────────────▶ Redis ◀──────── │
-//!              │ 4. inner.call(request + LockInfo),         │   │               │
-//!              │    dropped if the lease is lost            │   │               │
-//!              │ 5. release when the inner future is done   │   │               │
-//!              │    (or when the body is sent, if asked)    │   │               │
-//!              └──────────────┬─────────────────────────────┘   └───────────────┘
-//!                             ▼
-//!                  inner service (your handler)
+//!      replica A                                    replica B
+//!       request                                      request
+//!          │                                            │
+//!          ▼                                            ▼
+//!  ┌─ LockService ─────────────────────────┐   ┌─ LockService ─┐
+//!  │ key = make_key(&request)              │   │  the same,    │
+//!  │   None: to the inner service, as is   │   │  own Locker   │
+//!  │ wait in this process's FIFO line      │   └───────┬───────┘
+//!  │   for the key (one contender per key) │           │
+//!  │ acquire the key ──────────────────────┼──▶ Redis ◀┘  one holder
+//!  │ inner.call(request + LockInfo)        │              per key, across
+//!  │   dropped if the lease is lost        │              all replicas
+//!  │ release when the inner future is done │
+//!  │   (or the body is sent, if asked)     │
+//!  └───────────────────┬───────────────────┘
+//!                      ▼
+//!            inner service (your handler)
 //! ```
 //!
 //! The lock is taken with [`distlock::Lock::run`], the same runner as

@@ -252,7 +252,8 @@ mod http {
             }
             match Pin::new(&mut answer_rx).poll(cx) {
                 Poll::Ready(Ok(answer)) => Poll::Ready(Step::Answered(answer)),
-                // The work, still running, holds the sender.
+                // No answer yet; or the work was dropped (the lease was lost)
+                // and the runner, which has our waker, is ending.
                 Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
             }
         })
