@@ -46,12 +46,13 @@
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
 //!
-//! use axum::{routing::post, Router};
+//! use axum::{routing::post, Extension, Router};
 //! use distlock::Policy;
 //! use distlock_tower::{key, LockInfo, LockLayer};
 //! use tower::ServiceExt;
 //!
-//! async fn withdraw(lease: LockInfo) -> String {
+//! // With the `axum` feature, `lease: LockInfo` works as an extractor too.
+//! async fn withdraw(Extension(lease): Extension<LockInfo>) -> String {
 //!     // One withdrawal per account at a time, across every replica.
 //!     format!("{} (fencing token {})\n", lease.key(), lease.fencing_token())
 //! }
