@@ -23,7 +23,7 @@ mod kw {
 
 /// Every option, in the order the docs give them.
 const OPTIONS: &str =
-    "`key`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `locker`, `crate`";
+    "`key`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `semaphore`, `locker`, `crate`";
 
 /// The core's bounds (`distlock::MIN_EXPIRY`, `MAX_EXPIRY`, the hold limit).
 const MIN_EXPIRY: Duration = Duration::from_millis(100);
@@ -41,6 +41,8 @@ pub(crate) struct Args {
     pub(crate) expiry: Option<Duration>,
     pub(crate) locker: Option<Expr>,
     pub(crate) krate: Option<Path>,
+    /// `semaphore = N`: N holders at once instead of one.
+    pub(crate) semaphore: Option<u32>,
 }
 
 /// `on_busy = "..."`.
@@ -63,6 +65,7 @@ struct Builder {
     expiry: Option<Duration>,
     locker: Option<Expr>,
     krate: Option<Path>,
+    semaphore: Option<u32>,
 }
 
 impl Parse for Args {
@@ -138,10 +141,18 @@ impl Parse for Args {
                 set(&mut b.krate, path, name.span, "crate")?;
             } else if lookahead.peek(kw::semaphore) {
                 let name = input.parse::<kw::semaphore>()?;
-                return Err(syn::Error::new(
-                    name.span,
-                    "`semaphore` is not supported yet: it comes with distlock's semaphore",
-                ));
+                let lit = value::<syn::LitInt>(input, "semaphore", "3")?;
+                let permits = lit
+                    .base10_parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        syn::Error::new(
+                            lit.span(),
+                            "`semaphore` is the number of permits: a whole number from 1 to 4294967295",
+                        )
+                    })?;
+                set(&mut b.semaphore, permits, name.span, "semaphore")?;
             } else if input.peek(Ident::peek_any) {
                 let name = input.call(Ident::parse_any)?;
                 return Err(syn::Error::new(
@@ -184,6 +195,7 @@ impl Builder {
             expiry: self.expiry,
             locker: self.locker,
             krate: self.krate,
+            semaphore: self.semaphore,
         })
     }
 }
@@ -320,7 +332,10 @@ mod tests {
     }
 
     #[test]
-    fn semaphore_is_deferred_to_its_issue() {
-        assert!(err(quote::quote!(key = "k", semaphore = 3)).contains("not supported yet"));
+    fn semaphore_takes_a_positive_permit_count() {
+        assert!(err(quote::quote!(key = "k", semaphore = 0)).contains("number of permits"));
+        assert!(err(quote::quote!(key = "k", semaphore = "3")).contains("semaphore"));
+        assert!(err(quote::quote!(key = "k", semaphore = 2, semaphore = 3))
+            .contains("set multiple times"));
     }
 }

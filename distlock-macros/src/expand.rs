@@ -217,6 +217,10 @@ fn expand(
             }
         }
     });
+    let permits = match args.semaphore {
+        Some(n) => quote!(::core::option::Option::Some(#n)),
+        None => quote!(::core::option::Option::None),
+    };
     let run = match args.on_busy {
         OnBusy::Skip => quote!(run_or_skip),
         OnBusy::Wait | OnBusy::Reject => quote!(run),
@@ -225,7 +229,7 @@ fn expand(
     // reported there.
     let call = |body: TokenStream| {
         quote_spanned! {ret.span()=>
-            #krate::__private::#run(#locker, #key, #policy, async move { #fake_return #body }).await
+            #krate::__private::#run(#locker, #key, #permits, #policy, async move { #fake_return #body }).await
         }
     };
     let body = match tokio {

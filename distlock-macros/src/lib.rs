@@ -69,13 +69,12 @@ mod template;
 /// | `at_least = "1m"` | none | Keep the lock this long after it was acquired, even if the body ends sooner (ShedLock's `lockAtLeastFor`): replicas firing the same job late keep skipping. The key then expires by itself. |
 /// | `at_most = "10m"` | none: no limit | Cancel the body once it has held the lock this long: it is dropped, and the call returns `Err(Error::Lost)` with `LostReason::MaxHold`. |
 /// | `expiry = "30s"` | the locker's (30 s unless configured) | The lease expiry: how long the key outlives a crashed holder. The lease renews every third of it. 100 ms to 24 h. |
+/// | `semaphore = 3` | none: a mutex | Take one of N permits of a distributed semaphore on the key instead of the mutex: up to N calls run at once across every replica (see `distlock::Semaphore`). Every user of the key must agree on N. |
 /// | `locker = <expr>` | the default locker | Where the `Locker` comes from: any expression valid at the top of the body that gives a `Locker`, a `&Locker` or an `Arc<Locker>` (`locker = self.locks`, `locker = state.locker`, `locker = locker`). Without it, the process-wide default set once with `distlock::set_default(locker)`; if none was set, the call returns `Err(Error::Config)` (never a panic). |
 /// | `crate = "path"` | `"distlock"` | The path to distlock, if the dependency is renamed (`crate = "my_distlock"`). |
 ///
 /// Durations are [humantime](https://docs.rs/humantime) strings (`"500ms"`,
-/// `"5s"`, `"1m 30s"`), checked at compile time. A `semaphore = N` option (N
-/// holders instead of one) comes with distlock's semaphore; until then it is a
-/// compile error that says so.
+/// `"5s"`, `"1m 30s"`), checked at compile time.
 ///
 /// ## The key template
 ///

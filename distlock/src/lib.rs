@@ -4,6 +4,8 @@
 
 mod backend;
 mod builder;
+#[cfg(feature = "serde")]
+mod config;
 mod error;
 mod guard;
 mod keeper;
@@ -20,6 +22,8 @@ mod semaphore;
 mod token;
 
 pub use builder::{LockerBuilder, MemoryStore};
+#[cfg(feature = "serde")]
+pub use config::{BackoffConfig, Config, SentinelConfig};
 pub use error::{BoxError, Error, LostReason, Result, ServerError};
 pub use guard::{Lease, LockGuard, Lost};
 pub use key::MAX_KEY_LEN;
@@ -118,39 +122,47 @@ pub mod __private {
     pub async fn run<R: Output, F: Future<Output = R>>(
         locker: Result<Locker>,
         key: String,
+        permits: Option<u32>,
         policy: Policy,
         work: F,
     ) -> R {
-        run_or(locker, key, policy, work, R::lock_error).await
+        run_or(locker, key, permits, policy, work, R::lock_error).await
     }
 
     /// The body of an annotated function with `on_busy = "skip"`.
     pub async fn run_or_skip<R: Skipped, F: Future<Output = R>>(
         locker: Result<Locker>,
         key: String,
+        permits: Option<u32>,
         policy: Policy,
         work: F,
     ) -> R {
-        run_or(locker, key, policy, work, |_| R::skipped()).await
+        run_or(locker, key, permits, policy, work, |_| R::skipped()).await
     }
 
     async fn run_or<R: Output>(
         locker: Result<Locker>,
         key: String,
+        permits: Option<u32>,
         policy: Policy,
         work: impl Future<Output = R>,
         skipped: impl FnOnce(Error) -> R,
     ) -> R {
-        let lock = match locker {
-            Ok(locker) => locker.lock(key),
+        let locker = match locker {
+            Ok(locker) => locker,
             Err(e) => return R::lock_error(e),
         };
-        match lock.run(&policy, work).await {
+        let busy = Error::Busy {
+            key: crate::error::shorten(&key),
+        };
+        let result = match permits {
+            Some(n) => locker.semaphore(key, n).run(&policy, work).await,
+            None => locker.lock(key).run(&policy, work).await,
+        };
+        match result {
             Ok(Some(output)) => output,
             // `Lock::run` skips only with `OnBusy::Skip`.
-            Ok(None) => skipped(Error::Busy {
-                key: crate::error::shorten(lock.key()),
-            }),
+            Ok(None) => skipped(busy),
             Err(e) => R::lock_error(e),
         }
     }

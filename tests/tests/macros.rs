@@ -135,6 +135,35 @@ async fn different_keys_run_in_parallel() {
     y.unwrap();
 }
 
+#[distributed_lock(key = "encoder:{pool}", locker = locker, semaphore = 2)]
+async fn encode(locker: &Locker, pool: u64, who: &str, trace: &Trace) -> Result<(), AppError> {
+    trace.visit(who, Duration::from_millis(100)).await;
+    let _ = pool;
+    Ok(())
+}
+
+#[tokio::test]
+async fn semaphore_option_lets_n_calls_run_at_once_and_no_more() {
+    let server = RedisServer::start().await;
+    let (a, b) = (connect(&server).await, connect(&server).await);
+    let trace = Trace::default();
+    let (w, x, y, z) = tokio::join!(
+        encode(&a, 1, "a1", &trace),
+        encode(&b, 1, "b1", &trace),
+        encode(&a, 1, "a2", &trace),
+        encode(&b, 1, "b2", &trace),
+    );
+    w.unwrap();
+    x.unwrap();
+    y.unwrap();
+    z.unwrap();
+    assert_eq!(trace.max_inside(), 2, "{:?}", trace.events);
+    assert_eq!(
+        a.semaphore("encoder:1", 2).current_count().await.unwrap(),
+        0
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Waiting and busy policies
 

@@ -1,6 +1,6 @@
 use distlock::distributed_lock;
 
-#[distributed_lock(key = "encoder", semaphore = 4)]
+#[distributed_lock(key = "encoder", semaphore = 0)]
 async fn encode(frame: u64) -> Result<u64, distlock::Error> {
     Ok(frame)
 }
