@@ -132,7 +132,28 @@ fn main() {
         println!("{out}");
         return;
     }
+    if let Ok(arm) = std::env::var("DISTLOCK_BENCH_PROFILE") {
+        rt.block_on(profile(&arm));
+        return;
+    }
     rt.block_on(run(Config::from_env()));
+}
+
+/// Runs one arm alone, for a profiler (`perf record`, `valgrind --tool=callgrind`):
+/// `DISTLOCK_BENCH_PROFILE=p1:floor|p1:distlock|p1:rslock`, for
+/// `DISTLOCK_BENCH_PROFILE_SECS` (default 5) against a private server.
+async fn profile(arm: &str) {
+    let server = RedisServer::start().await;
+    let secs: f64 = std::env::var("DISTLOCK_BENCH_PROFILE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    let env = Env {
+        url: server.url(),
+        cfg: Config::from_env(),
+    };
+    let rate = throughput::p1_arm(&env, arm, Duration::from_secs_f64(secs)).await;
+    println!("{arm}: {rate:.0} pairs/s");
 }
 
 async fn run(cfg: Config) {

@@ -62,6 +62,19 @@ async fn rslock_sequential(manager: &rslock::LockManager, key: &str, d: Duration
     .await
 }
 
+/// One P1 arm alone (for profiling).
+pub(crate) async fn p1_arm(env: &Env, arm: &str, d: Duration) -> f64 {
+    match arm {
+        "p1:floor" => floor_sequential(&env.server_conn().await, "p1:floor", d).await,
+        "p1:distlock" => distlock_sequential(&env.locker().await, "p1:distlock", d).await,
+        "p1:rslock" => {
+            let manager = rslock::LockManager::new(vec![env.url.clone()]);
+            rslock_sequential(&manager, "p1:rslock", d).await
+        }
+        other => panic!("unknown arm {other}: p1:floor, p1:distlock or p1:rslock"),
+    }
+}
+
 /// P1: one task, sequential uncontended pairs: floor, distlock, rslock interleaved.
 pub(crate) async fn p1(env: &Env) -> Vec<Row> {
     let conn = env.server_conn().await;
