@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub(crate) struct LeaseState {
     pub(crate) acquired_at: Instant,
     lost: CancellationToken,
     reason: OnceLock<LostReason>,
+    /// Set when its guard started releasing it: a renewal that then finds the
+    /// key gone is the release, not a theft.
+    releasing: AtomicBool,
 }
 
 impl LeaseState {
@@ -50,7 +54,16 @@ impl LeaseState {
             acquired_at: Instant::now(),
             lost: CancellationToken::new(),
             reason: OnceLock::new(),
+            releasing: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn set_releasing(&self) {
+        self.releasing.store(true, Ordering::Relaxed);
+    }
+
+    fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::Relaxed)
     }
 
     /// Records the loss (the first reason wins) and fires the lost signal.
@@ -398,7 +411,9 @@ impl State {
                         }
                         self.reschedule(id);
                     } else if let Some(e) = self.remove(id) {
-                        e.lease.mark_lost(LostReason::Stolen);
+                        if !e.lease.is_releasing() {
+                            e.lease.mark_lost(LostReason::Stolen);
+                        }
                     }
                 }
             }
@@ -433,7 +448,11 @@ impl State {
 }
 
 /// Releases a lease now, or lets its key expire at `keep_until`.
-async fn release(backend: &Backend, lease: &LeaseState, keep_until: Option<Instant>) -> Result<()> {
+pub(crate) async fn release(
+    backend: &Backend,
+    lease: &LeaseState,
+    keep_until: Option<Instant>,
+) -> Result<()> {
     let now = Instant::now();
     let ours = match keep_until {
         Some(t) if t > now => {

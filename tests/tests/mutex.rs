@@ -121,6 +121,7 @@ both! {
     detached_leases_can_be_extended_released_and_adopted => check_detach;
     bad_keys_and_options_give_their_own_errors => check_bad_input;
     max_hold_ends_the_lease => check_max_hold;
+    a_dropped_release_future_still_releases => check_release_cancel_safety;
 }
 
 async fn check_mutual_exclusion(fx: Fixture) {
@@ -758,4 +759,23 @@ async fn memory_backend_follows_a_paused_tokio_clock() {
         .await
         .unwrap()
         .is_some());
+}
+
+async fn check_release_cancel_safety(fx: Fixture) {
+    let a = fx.locker().await;
+    let b = fx.locker().await;
+    let lock = a.lock("release-cut");
+    for i in 0..300u32 {
+        let guard = lock.acquire().await.unwrap();
+        // Cut the release before, during or after its round trip.
+        let cut = Duration::from_micros(u64::from(fastrand_u32(i) % 400));
+        if let Ok(result) = timeout(cut, guard.release()).await {
+            result.unwrap();
+        }
+    }
+    eventually(Duration::from_secs(2), || async {
+        !fx.is_held("release-cut").await
+    })
+    .await;
+    assert!(b.lock("release-cut").try_acquire().await.unwrap().is_some());
 }
