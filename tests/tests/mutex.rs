@@ -122,6 +122,7 @@ both! {
     bad_keys_and_options_give_their_own_errors => check_bad_input;
     max_hold_ends_the_lease => check_max_hold;
     a_dropped_release_future_still_releases => check_release_cancel_safety;
+    a_short_lease_taken_beside_a_long_one_is_renewed => check_short_beside_long;
 }
 
 async fn check_mutual_exclusion(fx: Fixture) {
@@ -778,4 +779,36 @@ async fn check_release_cancel_safety(fx: Fixture) {
     })
     .await;
     assert!(b.lock("release-cut").try_acquire().await.unwrap().is_some());
+}
+
+async fn check_short_beside_long(fx: Fixture) {
+    let a = fx.locker().await;
+    let b = fx.locker().await;
+    // Many short-lived leases, then one long lease: the keeper sleeps until
+    // the long one's renewal, ten seconds away.
+    for _ in 0..3000 {
+        a.lock("churn")
+            .acquire()
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    let long = a.lock("long").acquire().await.unwrap();
+    // A one-second lease is due for renewal long before that.
+    let short = a
+        .lock("short")
+        .expiry(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert!(!short.is_lost(), "lost: {:?}", short.lost_reason());
+    assert!(
+        b.lock("short").try_acquire().await.unwrap().is_none(),
+        "expired despite renewal"
+    );
+    short.release().await.unwrap();
+    long.release().await.unwrap();
 }
