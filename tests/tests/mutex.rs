@@ -812,3 +812,53 @@ async fn check_short_beside_long(fx: Fixture) {
     short.release().await.unwrap();
     long.release().await.unwrap();
 }
+
+/// Calls of `cmd` on the server so far (`INFO commandstats`). Scripts count the
+/// commands they run: an acquire attempt that finds the key held runs `PTTL`,
+/// one that takes it runs `TIME`.
+async fn command_calls(server: &RedisServer, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.conn().await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_waiters_make_one_attempt_per_release() {
+    const WAITERS: usize = 20;
+    let server = RedisServer::start().await;
+    let holder = Locker::connect(&server.url()).await.unwrap();
+    let waiters = Locker::connect(&server.url()).await.unwrap();
+    let held = holder.lock("line").acquire().await.unwrap();
+    let tasks: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let lock = waiters.lock("line");
+            tokio::spawn(async move { lock.acquire().await.unwrap().release().await.unwrap() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (won, held_attempts) = (
+        command_calls(&server, "time").await,
+        command_calls(&server, "pttl").await,
+    );
+    held.release().await.unwrap();
+    for t in tasks {
+        timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
+    }
+    let won = command_calls(&server, "time").await - won;
+    let failed = command_calls(&server, "pttl").await - held_attempts;
+    assert_eq!(won, WAITERS as u64);
+    // Each new head of the line waits for its predecessor's release message
+    // instead of first finding the key held (which made WAITERS - 1 failed
+    // attempts). A few may come from backoff timers on a loaded machine.
+    assert!(
+        failed <= 3,
+        "{failed} failed attempts for {WAITERS} handoffs"
+    );
+}
