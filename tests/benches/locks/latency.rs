@@ -20,7 +20,7 @@ pub(crate) async fn p3(env: &Env) -> Vec<Row> {
     let mut conn = env.server_conn().await;
     let holder = env.locker().await;
     let waiter = env.locker().await;
-    let (mut wake, mut rtt) = (Vec::new(), Vec::new());
+    let (mut wake, mut rtt, mut release) = (Vec::new(), Vec::new(), Vec::new());
     let mut timer_wakes = 0;
     for i in 0..env.cfg.p3_samples + 20 {
         let held = holder.lock("p3").acquire().await.expect("holder acquire");
@@ -35,6 +35,7 @@ pub(crate) async fn p3(env: &Env) -> Vec<Row> {
         tokio::time::sleep(SETTLE).await;
         let released_at = Instant::now();
         held.release().await.expect("holder release");
+        let release_took = released_at.elapsed();
         let acquired_at = rx.await.expect("waiter");
         task.await.expect("task");
         let ping = ping(&mut conn).await;
@@ -46,6 +47,7 @@ pub(crate) async fn p3(env: &Env) -> Vec<Row> {
             }
             wake.push(d);
             rtt.push(ping);
+            release.push(release_took);
         }
     }
     holder.close().await.expect("close");
@@ -59,6 +61,7 @@ pub(crate) async fn p3(env: &Env) -> Vec<Row> {
                      "max": us(percentile(&wake, 100.0)) },
         "rtt_us": { "p50": us(rtt50), "p99": us(percentile(&rtt, 99.0)) },
         "p50_over_rtt": ratio,
+        "holder_release_call_us": { "p50": us(percentile(&release, 50.0)) },
         "wakes_over_30ms": timer_wakes,
     });
     vec![

@@ -154,6 +154,15 @@ async fn profile(arm: &str) {
     };
     let rate = throughput::p1_arm(&env, arm, Duration::from_secs_f64(secs)).await;
     println!("{arm}: {rate:.0} pairs/s");
+    // The server's side of it: time per command (scripts include their calls).
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut env.server_conn().await)
+        .await
+        .unwrap_or_default();
+    for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
+        println!("  {line}");
+    }
 }
 
 async fn run(cfg: Config) {
