@@ -9,10 +9,14 @@
 //! Every wait in the harness is bounded; setup failures panic with a message
 //! (and, for a server, the tail of its log).
 
+mod cluster;
 mod proxy;
+mod sentinel;
 mod server;
 
+pub use cluster::RedisCluster;
 pub use proxy::FaultProxy;
+pub use sentinel::{RedisSentinel, MASTER_NAME};
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// The workspace README's examples, compiled as doctests.
