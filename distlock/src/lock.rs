@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::Attempt;
 use crate::error::{Error, Result};
@@ -152,11 +153,16 @@ impl Lock {
         let result = match self.prepare() {
             Ok(keys) => {
                 let closed = self.locker.closed_token();
-                tokio::select! {
-                    biased;
-                    () = closed.cancelled() => Err(Error::Closed),
-                    r = self.wait(&keys, started, deadline) => r,
+                let span = tracing::debug_span!("distlock.acquire", key = %self.key);
+                async {
+                    tokio::select! {
+                        biased;
+                        () = closed.cancelled() => Err(Error::Closed),
+                        r = self.wait(&keys, started, deadline) => r,
+                    }
                 }
+                .instrument(span)
+                .await
             }
             Err(e) => Err(e),
         };
