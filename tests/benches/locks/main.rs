@@ -192,19 +192,19 @@ async fn run(cfg: Config) {
     );
 
     type Scenario = fn(&Env) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Row>> + '_>>;
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 8] = [
         ("P1", |e| Box::pin(throughput::p1(e))),
         ("P2", |e| Box::pin(throughput::p2(e))),
         ("P3", |e| Box::pin(latency::p3(e))),
         ("P4", |e| Box::pin(throughput::p4(e))),
-        ("P5", |_| Box::pin(async { tower::p5_p6() })),
+        ("P5", |e| Box::pin(tower::p5(e))),
+        ("P6", |e| Box::pin(tower::p6(e))),
         ("P7", |e| Box::pin(scale::p7(e))),
         ("P8", |e| Box::pin(scale::p8(e))),
     ];
     let mut rows = Vec::new();
     for (id, scenario) in scenarios {
-        let wanted = env.cfg.wants(id) || (id == "P5" && env.cfg.wants("P6"));
-        if !wanted {
+        if !env.cfg.wants(id) {
             continue;
         }
         eprintln!("running {id} ...");

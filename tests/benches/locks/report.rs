@@ -7,8 +7,6 @@ use serde_json::{json, Value};
 pub(crate) enum Status {
     Met,
     Missed,
-    /// Not measured in this run (its code is not on this branch yet).
-    Pending,
 }
 
 impl Status {
@@ -24,7 +22,6 @@ impl Status {
         match self {
             Status::Met => "met",
             Status::Missed => "MISSED",
-            Status::Pending => "pending",
         }
     }
 }
@@ -47,21 +44,6 @@ pub(crate) struct Row {
     pub(crate) status: Status,
     /// The raw numbers.
     pub(crate) data: Value,
-}
-
-impl Row {
-    pub(crate) fn pending(id: &'static str, scenario: &str, target: &str, why: &str) -> Row {
-        Row {
-            id,
-            scenario: scenario.into(),
-            figure: why.into(),
-            baseline: String::new(),
-            ratio: String::new(),
-            target: target.into(),
-            status: Status::Pending,
-            data: json!({ "pending": why }),
-        }
-    }
 }
 
 /// The Markdown table of every row.

@@ -18,7 +18,7 @@ use crate::{floor, Env};
 const RSLOCK_TTL: Duration = Duration::from_secs(30);
 
 /// One sequential loop of floor pairs on `conn`, for `d`: pairs per second.
-async fn floor_sequential(conn: &MultiplexedConnection, key: &str, d: Duration) -> f64 {
+pub(crate) async fn floor_sequential(conn: &MultiplexedConnection, key: &str, d: Duration) -> f64 {
     let conn = conn.clone();
     let key = key.to_owned();
     sequential_rate(d, move |n| {
@@ -32,7 +32,7 @@ async fn floor_sequential(conn: &MultiplexedConnection, key: &str, d: Duration) 
 }
 
 /// One sequential loop of distlock acquire+release pairs, for `d`.
-async fn distlock_sequential(locker: &Locker, key: &str, d: Duration) -> f64 {
+pub(crate) async fn distlock_sequential(locker: &Locker, key: &str, d: Duration) -> f64 {
     let lock = locker.lock(key);
     sequential_rate(d, move |_| {
         let lock = lock.clone();
