@@ -133,6 +133,9 @@ impl LockGuard {
         if let Some(reason) = self.lease.lost_reason() {
             return Err(self.lease.lost_error(reason));
         }
+        if keep_until.is_none() {
+            return self.release_here().await;
+        }
         let (tx, rx) = oneshot::channel();
         let sent = self.locker.keeper().send(Cmd::Release {
             lease: Arc::clone(&self.lease),
@@ -143,6 +146,21 @@ impl LockGuard {
             return Err(Error::Closed);
         }
         rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Releases in the caller's task: one round trip, without a hop through the
+    /// keeper task and back (which cost more than the round trip itself). The
+    /// keeper is told afterwards, without waiting; if this future is dropped
+    /// before Redis answers, the keeper releases instead.
+    async fn release_here(&self) -> Result<()> {
+        let handover = Handover {
+            lease: Some(Arc::clone(&self.lease)),
+            locker: &self.locker,
+        };
+        self.lease.set_releasing();
+        let result = crate::keeper::release(self.locker.backend(), &self.lease, None).await;
+        handover.done();
+        result
     }
 
     /// Stops renewing and returns the lease as a plain value, to be extended or
@@ -167,6 +185,36 @@ impl Drop for LockGuard {
         if self.armed {
             self.locker.keeper().send(Cmd::Release {
                 lease: Arc::clone(&self.lease),
+                keep_until: None,
+                reply: None,
+            });
+        }
+    }
+}
+
+/// A release in progress in the caller's task. Dropped before [`done`], it
+/// hands the release to the keeper (the cancel-safe path).
+///
+/// [`done`]: Handover::done
+struct Handover<'a> {
+    lease: Option<Arc<LeaseState>>,
+    locker: &'a Locker,
+}
+
+impl Handover<'_> {
+    /// The release is over: the keeper only forgets the lease.
+    fn done(mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.locker.keeper().send(Cmd::Forget { id: lease.id });
+        }
+    }
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.locker.keeper().send(Cmd::Release {
+                lease,
                 keep_until: None,
                 reply: None,
             });

@@ -8,12 +8,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,9 @@ pub(crate) struct LeaseState {
     pub(crate) acquired_at: Instant,
     lost: CancellationToken,
     reason: OnceLock<LostReason>,
+    /// Set when its guard started releasing it: a renewal that then finds the
+    /// key gone is the release, not a theft.
+    releasing: AtomicBool,
 }
 
 impl LeaseState {
@@ -50,7 +54,16 @@ impl LeaseState {
             acquired_at: Instant::now(),
             lost: CancellationToken::new(),
             reason: OnceLock::new(),
+            releasing: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn set_releasing(&self) {
+        self.releasing.store(true, Ordering::Relaxed);
+    }
+
+    fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::Relaxed)
     }
 
     /// Records the loss (the first reason wins) and fires the lost signal.
@@ -102,12 +115,55 @@ pub(crate) enum Cmd {
     Close { reply: oneshot::Sender<()> },
 }
 
-/// The handle a `Locker` keeps: the command channel, and the task, started on first
-/// use (it needs a runtime).
+/// The handle a `Locker` keeps: the command channel, the deferred commands, and
+/// the task, started on first use (it needs a runtime).
 #[derive(Debug)]
 pub(crate) struct Keeper {
     tx: mpsc::UnboundedSender<Cmd>,
+    deferred: Arc<Deferred>,
     start: Mutex<Option<(mpsc::UnboundedReceiver<Cmd>, Backend)>>,
+}
+
+/// How many deferred commands wake the keeper regardless (bounds their memory).
+const MAX_DEFERRED: usize = 1024;
+
+/// Commands that need not wake the keeper: a new lease whose first timer falls
+/// after the keeper's next wake-up, and a lease to forget. The keeper takes them
+/// whenever it wakes, before anything else, so they keep their order with the
+/// commands sent on the channel. Waking the keeper for every acquisition and
+/// release cost more than the round trip to Redis (a task hop, and on a
+/// multi-threaded runtime a thread woken to run it).
+#[derive(Debug, Default)]
+struct Deferred {
+    state: Mutex<DeferredState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct DeferredState {
+    cmds: Vec<Cmd>,
+    /// `Some(until)` while the keeper sleeps until `until` (`None`: no timer);
+    /// `None` while it is awake, as it takes the deferred commands before sleeping.
+    asleep: Option<Option<Instant>>,
+}
+
+impl Deferred {
+    fn take(&self) -> Vec<Cmd> {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.asleep = None;
+        std::mem::take(&mut st.cmds)
+    }
+
+    /// Records that the keeper goes to sleep until `until`, unless commands came
+    /// in meanwhile (then `false`: take them first).
+    fn sleep(&self, until: Option<Instant>) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if !st.cmds.is_empty() {
+            return false;
+        }
+        st.asleep = Some(until);
+        true
+    }
 }
 
 impl Keeper {
@@ -115,12 +171,16 @@ impl Keeper {
         let (tx, rx) = mpsc::unbounded_channel();
         Keeper {
             tx,
+            deferred: Arc::default(),
             start: Mutex::new(Some((rx, backend))),
         }
     }
 
     /// Sends a command, starting the task if needed. `false` if the keeper is gone
     /// (its runtime shut down) or cannot start (no runtime).
+    ///
+    /// `Hold` and `Forget` are deferred: they wake the keeper only when the new
+    /// lease is due before the keeper's next wake-up.
     pub(crate) fn send(&self, cmd: Cmd) -> bool {
         {
             let mut start = self.start.lock().unwrap_or_else(PoisonError::into_inner);
@@ -129,11 +189,45 @@ impl Keeper {
                     return false;
                 };
                 if let Some((rx, backend)) = start.take() {
-                    rt.spawn(run(rx, backend));
+                    rt.spawn(run(rx, Arc::clone(&self.deferred), backend));
                 }
             }
         }
-        self.tx.send(cmd).is_ok()
+        let due = match &cmd {
+            Cmd::Hold {
+                valid_until,
+                renew_every,
+                validity,
+                max_hold_at,
+                ..
+            } => {
+                let renew_at = *valid_until - *validity + *renew_every;
+                Some(max_hold_at.map_or(renew_at, |m| m.min(renew_at)))
+            }
+            Cmd::Forget { .. } => None,
+            _ => return self.tx.send(cmd).is_ok(),
+        };
+        if self.tx.is_closed() {
+            return false;
+        }
+        let mut st = self
+            .deferred
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        st.cmds.push(cmd);
+        let wake = match st.asleep {
+            None => false,
+            Some(until) => {
+                st.cmds.len() >= MAX_DEFERRED || due.is_some_and(|d| until.is_none_or(|u| d < u))
+            }
+        };
+        if wake {
+            st.asleep = None;
+            drop(st);
+            self.deferred.wake.notify_one();
+        }
+        true
     }
 
     /// True once the task was started.
@@ -180,7 +274,7 @@ struct State {
     closed: bool,
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, backend: Backend) {
     let mut st = State {
         backend,
         entries: HashMap::new(),
@@ -190,13 +284,25 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
         closed: false,
     };
     loop {
+        st.take_deferred(&deferred);
         let next = st.timers.first().map(|(t, _)| *t);
+        if !deferred.sleep(next) {
+            continue;
+        }
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(cmd) => st.command(cmd),
+                Some(cmd) => {
+                    // Deferred commands were sent before this one.
+                    st.take_deferred(&deferred);
+                    st.command(cmd);
+                }
                 None => break,
             },
-            () = sleep_until(next) => st.due(),
+            () = deferred.wake.notified() => {}
+            () = sleep_until(next) => {
+                st.take_deferred(&deferred);
+                st.due();
+            }
             Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
                 st.renewed(sent, ids, result);
             }
@@ -204,6 +310,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
         }
     }
     // Every Locker handle and guard is gone: release what is left and finish.
+    st.take_deferred(&deferred);
     st.close_all();
     while st.releases.join_next().await.is_some() {}
     st.backend.shutdown();
@@ -217,6 +324,12 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 impl State {
+    fn take_deferred(&mut self, deferred: &Deferred) {
+        for cmd in deferred.take() {
+            self.command(cmd);
+        }
+    }
+
     fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Hold {
@@ -399,7 +512,9 @@ impl State {
                         }
                         self.reschedule(id);
                     } else if let Some(e) = self.remove(id) {
-                        e.lease.mark_lost(LostReason::Stolen);
+                        if !e.lease.is_releasing() {
+                            e.lease.mark_lost(LostReason::Stolen);
+                        }
                     }
                 }
             }
@@ -434,7 +549,11 @@ impl State {
 }
 
 /// Releases a lease now, or lets its key expire at `keep_until`.
-async fn release(backend: &Backend, lease: &LeaseState, keep_until: Option<Instant>) -> Result<()> {
+pub(crate) async fn release(
+    backend: &Backend,
+    lease: &LeaseState,
+    keep_until: Option<Instant>,
+) -> Result<()> {
     let now = Instant::now();
     let ours = match keep_until {
         Some(t) if t > now => {

@@ -198,17 +198,28 @@ impl Lock {
         let Some(mut head) = head else {
             return Err(Error::Closed);
         };
-        let mut subscribed = head.is_some();
+        let mut subscribed = head.sub.is_some();
+        // When the previous head of this line took the lock, wait for its release
+        // message before the first attempt: N local waiters make one attempt per
+        // release, not two.
+        let mut skip_attempt = subscribed && std::mem::take(&mut head.predecessor_holds);
         let mut retries = 0u32;
         loop {
-            let ttl = match self.attempt(keys).await? {
-                Ok(guard) => return Ok(guard),
-                Err(ttl) => ttl,
+            let ttl = if std::mem::take(&mut skip_attempt) {
+                None
+            } else {
+                match self.attempt(keys).await? {
+                    Ok(guard) => {
+                        head.predecessor_holds = true;
+                        return Ok(guard);
+                    }
+                    Err(ttl) => ttl,
+                }
             };
             if !subscribed {
                 subscribed = true;
                 let (sub, confirmed) = self.locker.backend().subscribe(keys).await;
-                *head = Some(sub);
+                head.sub = Some(sub);
                 if confirmed {
                     // A release between the failed attempt and the subscription
                     // would be missed: try again now that messages will arrive.
@@ -228,7 +239,7 @@ impl Lock {
             }
             retries = retries.saturating_add(1);
             obs::waiting(&self.key, retries, sleep);
-            match head.as_mut() {
+            match head.sub.as_mut() {
                 Some(sub) => {
                     tokio::select! {
                         () = sub.changed() => {}

@@ -11,7 +11,17 @@ use crate::notify::Subscription;
 /// The line for one key. Its mutex is fair (FIFO); whoever holds it is the head.
 #[derive(Debug, Default)]
 pub(crate) struct Line {
-    head: Arc<AsyncMutex<Option<Subscription>>>,
+    head: Arc<AsyncMutex<HeadState>>,
+}
+
+/// What each head of a line hands to the next.
+#[derive(Debug, Default)]
+pub(crate) struct HeadState {
+    /// The line's release subscription, kept while the line has waiters.
+    pub(crate) sub: Option<Subscription>,
+    /// The previous head left the line holding the lock: until it releases
+    /// (a message on `sub`), an attempt could only find the key held.
+    pub(crate) predecessor_holds: bool,
 }
 
 /// Every line of one `Locker`, by Redis key.
@@ -51,7 +61,7 @@ pub(crate) struct Ticket {
 
 /// Being at the head of the line: the right to contend in Redis. It carries the
 /// line's release subscription, kept while the line has waiters.
-pub(crate) type Head = OwnedMutexGuard<Option<Subscription>>;
+pub(crate) type Head = OwnedMutexGuard<HeadState>;
 
 impl Ticket {
     /// Waits (FIFO, cancel safe) until this ticket is at the head of its line.

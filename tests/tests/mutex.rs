@@ -35,6 +35,8 @@ suite! {
     detached_leases_can_be_extended_released_and_adopted => check_detach;
     bad_keys_and_options_give_their_own_errors => check_bad_input;
     max_hold_ends_the_lease => check_max_hold;
+    a_dropped_release_future_still_releases => check_release_cancel_safety;
+    a_short_lease_taken_beside_a_long_one_is_renewed => check_short_beside_long;
 }
 
 async fn check_mutual_exclusion(fx: Fixture) {
@@ -727,4 +729,105 @@ async fn memory_backend_follows_a_paused_tokio_clock() {
         .await
         .unwrap()
         .is_some());
+}
+
+async fn check_release_cancel_safety(fx: Fixture) {
+    let a = fx.locker().await;
+    let b = fx.locker().await;
+    let lock = a.lock("release-cut");
+    for i in 0..300u32 {
+        let guard = lock.acquire().await.unwrap();
+        // Cut the release before, during or after its round trip.
+        let cut = Duration::from_micros(u64::from(fastrand_u32(i) % 400));
+        if let Ok(result) = timeout(cut, guard.release()).await {
+            result.unwrap();
+        }
+    }
+    eventually(Duration::from_secs(2), || async {
+        !fx.is_held("release-cut").await
+    })
+    .await;
+    assert!(b.lock("release-cut").try_acquire().await.unwrap().is_some());
+}
+
+async fn check_short_beside_long(fx: Fixture) {
+    let a = fx.locker().await;
+    let b = fx.locker().await;
+    // Many short-lived leases, then one long lease: the keeper sleeps until
+    // the long one's renewal, ten seconds away.
+    for _ in 0..3000 {
+        a.lock("churn")
+            .acquire()
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    let long = a.lock("long").acquire().await.unwrap();
+    // A one-second lease is due for renewal long before that.
+    let short = a
+        .lock("short")
+        .expiry(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert!(!short.is_lost(), "lost: {:?}", short.lost_reason());
+    assert!(
+        b.lock("short").try_acquire().await.unwrap().is_none(),
+        "expired despite renewal"
+    );
+    short.release().await.unwrap();
+    long.release().await.unwrap();
+}
+
+/// Calls of `cmd` on the server so far (`INFO commandstats`). Scripts count the
+/// commands they run: an acquire attempt that finds the key held runs `PTTL`,
+/// one that takes it runs `TIME`.
+async fn command_calls(server: &RedisServer, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.conn().await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_waiters_make_one_attempt_per_release() {
+    const WAITERS: usize = 20;
+    let server = RedisServer::start().await;
+    let holder = Locker::connect(&server.url()).await.unwrap();
+    let waiters = Locker::connect(&server.url()).await.unwrap();
+    let held = holder.lock("line").acquire().await.unwrap();
+    let tasks: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let lock = waiters.lock("line");
+            tokio::spawn(async move { lock.acquire().await.unwrap().release().await.unwrap() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (won, held_attempts) = (
+        command_calls(&server, "time").await,
+        command_calls(&server, "pttl").await,
+    );
+    held.release().await.unwrap();
+    for t in tasks {
+        timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
+    }
+    let won = command_calls(&server, "time").await - won;
+    let failed = command_calls(&server, "pttl").await - held_attempts;
+    assert_eq!(won, WAITERS as u64);
+    // Each new head of the line waits for its predecessor's release message
+    // instead of first finding the key held (which made WAITERS - 1 failed
+    // attempts). A few may come from backoff timers on a loaded machine.
+    assert!(
+        failed <= 3,
+        "{failed} failed attempts for {WAITERS} handoffs"
+    );
 }
