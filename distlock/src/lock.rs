@@ -199,9 +199,10 @@ impl Lock {
             return Err(Error::Closed);
         };
         let mut subscribed = head.sub.is_some();
-        // When the previous head of this line took the lock, wait for its release
-        // message before the first attempt: N local waiters make one attempt per
-        // release, not two.
+        // When the previous head of this line took an exclusive lock, wait for
+        // its release message before the first attempt: N local waiters make one
+        // attempt per release, not two. (A semaphore permit or a read lock taken
+        // by the predecessor may leave room for this waiter: it tries at once.)
         let mut skip_attempt = subscribed && std::mem::take(&mut head.predecessor_holds);
         let mut retries = 0u32;
         loop {
@@ -210,7 +211,7 @@ impl Lock {
             } else {
                 match self.attempt(keys).await? {
                     Ok(guard) => {
-                        head.predecessor_holds = true;
+                        head.predecessor_holds = !self.kind.shared();
                         return Ok(guard);
                     }
                     Err(ttl) => ttl,
