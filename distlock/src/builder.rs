@@ -77,6 +77,7 @@ pub(crate) const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 /// | `retry_backoff` | 50 ms doubling to 1 s, ±25 % jitter |
 /// | `op_timeout` (one request) | 2 s |
 /// | `connect_timeout` | 3 s |
+/// | `restart_quarantine` | off |
 ///
 /// # Examples
 ///
@@ -113,6 +114,7 @@ pub struct LockerBuilder {
     opts: LeaseOptions,
     op_timeout: Duration,
     connect_timeout: Duration,
+    restart_quarantine: Duration,
 }
 
 impl fmt::Debug for LockerBuilder {
@@ -129,6 +131,7 @@ impl fmt::Debug for LockerBuilder {
             .field("connections", &self.connections)
             .field("key_prefix", &self.key_prefix)
             .field("expiry", &self.opts.expiry)
+            .field("restart_quarantine", &self.restart_quarantine)
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +161,7 @@ impl LockerBuilder {
             opts: LeaseOptions::default(),
             op_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(3),
+            restart_quarantine: Duration::ZERO,
         }
     }
 
@@ -268,6 +272,23 @@ impl LockerBuilder {
         self.connect_timeout = timeout;
         self
     }
+    /// Hands out no lock while the server has been up for less than `quarantine`
+    /// (default: zero, off); acquisitions wait as if the key were held.
+    ///
+    /// A Redis restarted without its data forgets every lease, while their holders
+    /// learn of the loss only at their next renewal or validity deadline, up to one
+    /// expiry later: meanwhile another client could take the same lock. Set this to
+    /// at least the longest expiry any client uses when Redis runs without
+    /// persistence (or with `appendfsync` other than `always`). Redis reports its
+    /// uptime in whole seconds, so the quarantine lasts up to a second longer than
+    /// asked. It costs an `INFO`
+    /// call inside each acquire script (the ACL user needs `+info`), and delays
+    /// the first acquisitions on a freshly started server too: Redis cannot tell a
+    /// first start from a restart. The in-memory backend ignores it.
+    pub fn restart_quarantine(mut self, quarantine: Duration) -> Self {
+        self.restart_quarantine = quarantine;
+        self
+    }
 
     fn validate(&self) -> Result<()> {
         self.opts.validate()?;
@@ -292,6 +313,9 @@ impl LockerBuilder {
             if d.is_zero() || d > Duration::from_secs(300) {
                 return Err(Error::config(format!("{name} must be between 1ms and 5m")));
             }
+        }
+        if self.restart_quarantine > crate::options::MAX_EXPIRY {
+            return Err(Error::config("restart_quarantine must be at most 24h"));
         }
         Ok(())
     }
@@ -326,6 +350,7 @@ impl LockerBuilder {
             connections: self.connections,
             op_timeout: self.op_timeout,
             connect_timeout: self.connect_timeout,
+            restart_quarantine: self.restart_quarantine,
         };
         let have_address = self.url.is_some() || self.host.is_some() || self.port.is_some();
         let (pool, pubsub, description) = match &self.pool {

@@ -23,10 +23,27 @@ const FENCE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// Acquire: set-if-absent, mint a fencing token, or report who holds the key.
 ///
-/// KEYS: lock, fence. ARGV: token, expiry ms, fence ttl ms.
+/// KEYS: lock, fence. ARGV: token, expiry ms, fence ttl ms, restart quarantine ms.
 /// Returns `{1, fence}` when acquired (also when the key already holds our token:
 /// a retried attempt), `{0, pttl}` when held, `{2, type}` for a key of another type.
+///
+/// With a restart quarantine, a free key is not handed out while the server has
+/// been up for less than the quarantine: a server restarted without its data
+/// may have forgotten a lease whose holder has not yet seen its lost signal. The
+/// answer is then `{0, ms left}`, as if the key were held that long. Redis counts
+/// `uptime_in_seconds` between two whole seconds of its clock, so a reading of
+/// `n` proves only `n - 1` seconds: the quarantine lasts up to a second longer.
 const ACQUIRE: &str = r"
+if tonumber(ARGV[4]) > 0 and redis.call('exists', KEYS[1]) == 0 then
+  local up = string.match(redis.call('info', 'server'), 'uptime_in_seconds:(%d+)')
+  if not up then
+    return redis.error_reply('distlock: the server does not report uptime_in_seconds, needed by restart_quarantine')
+  end
+  local left = tonumber(ARGV[4]) - (tonumber(up) - 1) * 1000
+  if left > 0 then
+    return {0, tostring(left)}
+  end
+end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('time')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -111,6 +128,8 @@ pub(crate) struct RedisSettings {
     pub(crate) op_timeout: Duration,
     /// The longest connecting may take.
     pub(crate) connect_timeout: Duration,
+    /// No acquisition on a server up for less than this (zero: off).
+    pub(crate) restart_quarantine: Duration,
 }
 
 struct Shared {
@@ -282,6 +301,8 @@ impl RedisBackend {
             conn: None,
         };
         let px = millis(expiry);
+        let quarantine =
+            u64::try_from(self.shared.settings.restart_quarantine.as_millis()).unwrap_or(u64::MAX);
         let mut tries = 0;
         let reply: Vec<Value> = loop {
             tries += 1;
@@ -293,7 +314,8 @@ impl RedisBackend {
                 .key(&keys.fence)
                 .arg(token)
                 .arg(px)
-                .arg(FENCE_TTL_MS);
+                .arg(FENCE_TTL_MS)
+                .arg(quarantine);
             let fut = inv.invoke_async(&mut conn);
             match tokio::time::timeout(self.shared.settings.op_timeout, fut).await {
                 Ok(Ok(v)) => break v,
