@@ -5,12 +5,43 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 
+use std::future::Future;
 use std::time::Duration;
 
-use distlock::{Locker, LockerBuilder, LostReason};
-use distlock_tests::RedisServer;
+use distlock::{Error, Locker, LockerBuilder, LostReason};
+use distlock_tests::{FaultProxy, RedisServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
+
+/// Polls `cond` every 5 ms until it holds, failing after `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The Redis key of the lock on `key` under the default prefix.
+fn lock_key(key: &str) -> String {
+    format!("distlock:{{{key}}}")
+}
+
+/// A deadpool pool on `url` with at most `size` connections and no timeouts
+/// of its own (the locker's bound every wait).
+fn pool(url: &str, size: usize) -> deadpool_redis::Pool {
+    deadpool_redis::Config::from_url(url)
+        .builder()
+        .unwrap()
+        .max_size(size)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap()
+}
 
 /// A task that resolves, with the reason and the instant, when `guard` is lost.
 fn watch_lost(guard: &distlock::LockGuard) -> JoinHandle<(LostReason, Instant)> {
@@ -95,4 +126,320 @@ async fn an_empty_restart_grants_no_lock_before_the_old_holder_is_told() {
          to whole seconds, and one backoff",
         acquired - restarted
     );
+}
+
+// ----- Redis killed while a lease is held -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_when_redis_is_killed_and_the_restarted_server_is_usable_at_once() {
+    let mut server = RedisServer::start().await;
+    let a = quick(&server.url()).build().await.unwrap();
+    let guard = a.lock("killed").acquire().await.unwrap();
+    let acquired = Instant::now();
+    let lost = watch_lost(&guard);
+    server.kill();
+    let (reason, lost_at) = timeout(Duration::from_secs(3), lost)
+        .await
+        .expect("lost fired")
+        .unwrap();
+    assert_eq!(reason, LostReason::DeadlineMissed);
+    assert!(
+        lost_at - acquired < Duration::from_secs(1),
+        "fired {:?} after the acquisition, after the key's expiry",
+        lost_at - acquired
+    );
+    assert!(guard.release().await.unwrap_err().is_lost());
+    server.restart().await;
+    // One backoff (200 ms) after the restart, an acquisition goes through.
+    let started = Instant::now();
+    let g = a
+        .lock("killed")
+        .acquire_timeout(Duration::from_millis(250))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(250));
+    g.release().await.unwrap();
+}
+
+// ----- Redis paused (SIGSTOP) -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_beyond_the_expiry_fires_lost_before_the_deadline_and_nothing_is_held_twice() {
+    let server = RedisServer::start().await;
+    let a = quick(&server.url()).build().await.unwrap();
+    let b = quick(&server.url()).build().await.unwrap();
+    let c = quick(&server.url()).build().await.unwrap();
+    let guard = a.lock("paused").acquire().await.unwrap();
+    let fence = guard.fencing_token();
+    let lost = watch_lost(&guard);
+    // Let a renewal or two go through first.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let paused_at = Instant::now();
+    server.pause();
+    let contender = tokio::spawn({
+        let b = b.clone();
+        async move { acquire_through_outage(&b, "paused", Duration::from_secs(6)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.resume();
+    let (reason, lost_at) = timeout(Duration::from_secs(1), lost)
+        .await
+        .expect("lost fired")
+        .unwrap();
+    assert_eq!(reason, LostReason::DeadlineMissed);
+    // The last renewal confirmed before the pause was sent before it: the
+    // local deadline (validity 988 ms) came before the server's expiry.
+    assert!(
+        lost_at - paused_at <= Duration::from_millis(988 + 30),
+        "lost fired {:?} into the pause, after the deadline",
+        lost_at - paused_at
+    );
+    let (b_guard, b_acquired) = timeout(Duration::from_secs(7), contender)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(lost_at <= b_acquired, "B acquired before A was told");
+    assert!(b_guard.fencing_token() > fence);
+    assert!(c.lock("paused").try_acquire().await.unwrap().is_none());
+    b_guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pauses_shorter_than_the_renewal_slack_lose_nothing() {
+    let server = RedisServer::start().await;
+    // Expiry 1.5 s: renewals every 500 ms, validity 1.483 s, slack 983 ms.
+    let a = Locker::builder()
+        .url(server.url())
+        .expiry(Duration::from_millis(1500))
+        .build()
+        .await
+        .unwrap();
+    let b = Locker::connect(&server.url()).await.unwrap();
+    let guard = a.lock("steady").acquire().await.unwrap();
+    for _ in 0..3 {
+        server.pause();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.resume();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!guard.is_lost(), "lost: {:?}", guard.lost_reason());
+    }
+    assert!(b.lock("steady").try_acquire().await.unwrap().is_none());
+    guard.release().await.unwrap();
+}
+
+// ----- the network black-holed -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_server_fails_acquires_with_a_clear_error_and_loses_leases_at_the_deadline() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let a = quick(&proxy.url()).build().await.unwrap();
+    let b = quick(&proxy.url()).build().await.unwrap();
+    let guard = a.lock("held").acquire().await.unwrap();
+    let lost = watch_lost(&guard);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let cut = Instant::now();
+    proxy.blackhole();
+
+    // No hang: each kind of acquisition ends with an error naming the cause.
+    for wait in [None, Some(Duration::from_secs(10))] {
+        let started = Instant::now();
+        let lock = b.lock("free");
+        let result = match wait {
+            None => timeout(Duration::from_secs(5), lock.acquire()).await,
+            Some(w) => timeout(Duration::from_secs(5), lock.acquire_timeout(w)).await,
+        };
+        let err = result.expect("the acquisition hung").unwrap_err();
+        // "acquire got no reply within 300ms" on an open connection, "no
+        // connection within 500ms" or "connect: timed out" for a new one.
+        assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            [
+                "no reply within 300ms",
+                "no connection within 500ms",
+                "connect: timed out"
+            ]
+            .iter()
+            .any(|m| message.contains(m)),
+            "{message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let err = b.lock("free").try_acquire().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+
+    let (reason, lost_at) = timeout(Duration::from_secs(2), lost)
+        .await
+        .expect("lost fired")
+        .unwrap();
+    assert_eq!(reason, LostReason::DeadlineMissed);
+    // The last confirmed renewal was sent at most one cadence (333 ms) plus
+    // a round trip before the cut; the deadline is 988 ms after it.
+    let after = lost_at - cut;
+    assert!(
+        after >= Duration::from_millis(988 - 340) && after <= Duration::from_millis(988 + 30),
+        "lost {after:?} after the cut"
+    );
+    proxy.restore();
+    assert!(guard.release().await.unwrap_err().is_lost());
+    // The delayed requests were delivered on restore; nothing stays held.
+    eventually("no lock left", Duration::from_secs(3), || async {
+        server.keys("distlock:{*}").await.is_empty()
+    })
+    .await;
+}
+
+// ----- pool exhausted -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_gives_an_unavailable_error_not_a_hang() {
+    let server = RedisServer::start().await;
+    let shared = pool(&server.url(), 2);
+    let locker = Locker::builder()
+        .pool(shared.clone())
+        .connections(2)
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // The locker keeps one connection (checked when building); the
+    // application takes the other one and keeps it. The locker's requests
+    // alternate between its two slots: those routed to the empty one fail.
+    let hog = shared.get().await.unwrap();
+    let mut failures = 0;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let started = Instant::now();
+        match timeout(
+            Duration::from_secs(3),
+            locker.lock(format!("k{i}")).try_acquire(),
+        )
+        .await
+        .expect("hung on the exhausted pool")
+        {
+            Ok(g) => held.push(g.expect("free")),
+            Err(e) => {
+                failures += 1;
+                assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+                assert!(e.to_string().contains("no connection within 300ms"), "{e}");
+                assert!(started.elapsed() < Duration::from_millis(800));
+            }
+        }
+    }
+    assert_eq!(
+        failures, 1,
+        "the locker's second connection should be missing"
+    );
+    drop(hog);
+    for g in held {
+        g.release().await.unwrap();
+    }
+    for _ in 0..4 {
+        let g = locker.lock("k").try_acquire().await.unwrap().unwrap();
+        g.release().await.unwrap();
+    }
+}
+
+// ----- the pub/sub connection cut -----
+
+/// A locker whose commands go straight to Redis while its pub/sub connection
+/// crosses `proxy`, and a holder on the server directly.
+async fn split_pubsub(server: &RedisServer, proxy: &FaultProxy) -> (Locker, Locker) {
+    let holder = Locker::connect(&server.url()).await.unwrap();
+    let waiter = Locker::builder()
+        .pool(pool(&server.url(), 4))
+        .url(proxy.url())
+        .retry_backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    (holder, waiter)
+}
+
+/// Acquires `key` in a task; resolves with the guard and the instant.
+fn acquire_in_task(locker: &Locker, key: &str) -> JoinHandle<(distlock::LockGuard, Instant)> {
+    let lock = locker.lock(key);
+    tokio::spawn(async move {
+        let g = lock.acquire().await.unwrap();
+        (g, Instant::now())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribed_waiter_falls_back_to_timers_when_the_pubsub_connection_is_cut() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let (a, b) = split_pubsub(&server, &proxy).await;
+    let held = a.lock("first").acquire().await.unwrap();
+    let waiting = acquire_in_task(&b, "first");
+    eventually("the pub/sub connection", Duration::from_secs(2), || async {
+        proxy.connections() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Cut it, and keep it from reconnecting: no release message will come.
+    proxy.blackhole();
+    proxy.reset_all();
+    let released = Instant::now();
+    held.release().await.unwrap();
+    let (_g, acquired) = timeout(Duration::from_secs(3), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    // Within one backoff (at most 300 ms + 25 %) and a round trip.
+    assert!(
+        acquired - released < Duration::from_millis(600),
+        "acquired {:?} after the release",
+        acquired - released
+    );
+    proxy.restore();
+}
+
+// ----- Redis out of memory -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_fails_new_acquires_clearly_and_spares_held_leases() {
+    let server = RedisServer::builder()
+        .config("maxmemory-policy", "noeviction")
+        .start()
+        .await;
+    let a = quick(&server.url()).build().await.unwrap();
+    let guard = a.lock("held").acquire().await.unwrap();
+    let mut conn = server.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = a.lock("new").try_acquire().await.unwrap_err();
+    assert!(matches!(err, Error::Redis { .. }), "{err:?}");
+    assert!(err.to_string().contains("OOM"), "{err}");
+    let err = a
+        .lock("new")
+        .acquire_timeout(Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Redis { .. }), "{err:?}");
+    assert!(!server.exists(&lock_key("new")).await);
+    // Renewals (PEXPIRE) and releases (DEL) need no memory.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!guard.is_lost(), "lost: {:?}", guard.lost_reason());
+    guard.release().await.unwrap();
+    assert!(!server.exists(&lock_key("held")).await);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let g = a.lock("new").try_acquire().await.unwrap().unwrap();
+    g.release().await.unwrap();
 }
