@@ -161,6 +161,30 @@ async fn lost_fires_when_redis_is_killed_and_the_restarted_server_is_usable_at_o
     g.release().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_acquire_after_a_restart_succeeds_on_stale_connections() {
+    let mut server = RedisServer::start().await;
+    // An idle locker: no renewal notices the restart, so both of its
+    // connections are stale when it acquires again.
+    let idle = quick(&server.url()).connections(2).build().await.unwrap();
+    for _ in 0..4 {
+        idle.lock("warm")
+            .acquire()
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    server.kill();
+    server.restart().await;
+    let attempt = idle.lock("after-restart").try_acquire().await;
+    assert!(
+        matches!(attempt, Ok(Some(_))),
+        "the first attempt after the restart failed: {attempt:?}"
+    );
+}
+
 // ----- Redis paused (SIGSTOP) -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,6 +316,56 @@ async fn a_blackholed_server_fails_acquires_with_a_clear_error_and_loses_leases_
         server.keys("distlock:{*}").await.is_empty()
     })
     .await;
+}
+
+// ----- connections reset -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_resets_reconnect_keep_leases_and_leak_no_waiters() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let a = quick(&proxy.url()).build().await.unwrap();
+    let b = quick(&proxy.url()).build().await.unwrap();
+    let guard = a.lock("reset").acquire().await.unwrap();
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let g = b
+                    .lock("reset")
+                    .acquire_timeout(Duration::from_secs(10))
+                    .await?;
+                g.release().await
+            })
+        })
+        .collect();
+    eventually("the waiters queue", Duration::from_secs(2), || async {
+        b.__waiting_lines() == 1
+    })
+    .await;
+    // Let the head subscribe: every connection is then open.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let open = proxy.connections();
+    for _ in 0..3 {
+        proxy.reset_all();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(!guard.is_lost(), "lost: {:?}", guard.lost_reason());
+    guard.release().await.unwrap();
+    for w in waiters {
+        timeout(Duration::from_secs(5), w)
+            .await
+            .expect("a waiter stalled after the resets")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(b.__waiting_lines(), 0, "a waiting line leaked");
+    assert!(
+        proxy.connections() <= open,
+        "{} connections open after the resets, {open} before",
+        proxy.connections()
+    );
+    assert!(server.keys("distlock:{*}").await.is_empty());
 }
 
 // ----- pool exhausted -----

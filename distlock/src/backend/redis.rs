@@ -212,11 +212,16 @@ impl RedisBackend {
     /// A connection from the round-robin slots, checking one out of the pool if
     /// the slot is empty.
     async fn conn(&self) -> Result<(usize, MultiplexedConnection)> {
+        let i = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len();
+        self.conn_at(i).await
+    }
+
+    /// The connection in slot `i`, checking one out of the pool if it is empty.
+    async fn conn_at(&self, i: usize) -> Result<(usize, MultiplexedConnection)> {
         let s = &self.shared;
         if s.shutdown.is_cancelled() {
             return Err(Error::Closed);
         }
-        let i = s.next.fetch_add(1, Ordering::Relaxed) % s.slots.len();
         if let Some(c) = s.slots[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -266,9 +271,15 @@ impl RedisBackend {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let mut tries = 0;
+        let mut retry_slot = None;
         loop {
             tries += 1;
-            let (i, conn) = self.conn().await?;
+            let (i, conn) = match retry_slot {
+                // The slot was emptied: this checks out a fresh connection. Another
+                // slot's connection may be just as stale (after a server restart).
+                Some(i) => self.conn_at(i).await?,
+                None => self.conn().await?,
+            };
             match tokio::time::timeout(self.shared.settings.op_timeout, f(conn)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if is_connection_error(&e) => {
@@ -276,6 +287,7 @@ impl RedisBackend {
                     if tries >= 2 {
                         return Err(Error::from_redis(what, e));
                     }
+                    retry_slot = Some(i);
                 }
                 Ok(Err(e)) => return Err(Error::from_redis(what, e)),
                 Err(_) => {
@@ -304,9 +316,14 @@ impl RedisBackend {
         let quarantine =
             u64::try_from(self.shared.settings.restart_quarantine.as_millis()).unwrap_or(u64::MAX);
         let mut tries = 0;
+        let mut retry_slot = None;
         let reply: Vec<Value> = loop {
             tries += 1;
-            let (i, conn) = self.conn().await?;
+            let (i, conn) = match retry_slot {
+                // A fresh connection in the slot just emptied (see `call`).
+                Some(i) => self.conn_at(i).await?,
+                None => self.conn().await?,
+            };
             in_doubt.conn = Some(conn.clone());
             let mut conn = conn;
             let mut inv = SCRIPTS.acquire.prepare_invoke();
@@ -319,7 +336,10 @@ impl RedisBackend {
             let fut = inv.invoke_async(&mut conn);
             match tokio::time::timeout(self.shared.settings.op_timeout, fut).await {
                 Ok(Ok(v)) => break v,
-                Ok(Err(e)) if is_connection_error(&e) && tries < 2 => self.invalidate(i),
+                Ok(Err(e)) if is_connection_error(&e) && tries < 2 => {
+                    self.invalidate(i);
+                    retry_slot = Some(i);
+                }
                 Ok(Err(e)) => {
                     if is_connection_error(&e) {
                         self.invalidate(i);
