@@ -97,7 +97,10 @@ impl Lock {
         Ok(result?.ok())
     }
 
-    /// Waits up to `timeout` for the lock. A zero timeout makes exactly one attempt.
+    /// Waits up to `timeout` for the lock. A zero timeout makes exactly one attempt
+    /// and waits for its answer; otherwise the call returns by the deadline, giving
+    /// up on an attempt still in flight then (a lock that attempt may have taken is
+    /// released in the background).
     ///
     /// # Errors
     ///
@@ -131,10 +134,22 @@ impl Lock {
         let result = match self.prepare() {
             Ok(keys) => {
                 let closed = self.locker.closed_token();
+                let wait = self.wait(&keys, started, deadline);
+                let bounded = async {
+                    match deadline {
+                        // The deadline also cuts a request in flight (a slow or
+                        // unreachable server), except the one attempt of a zero
+                        // timeout. `wait` is cancel safe.
+                        Some(d) if d > started => tokio::time::timeout_at(d, wait)
+                            .await
+                            .unwrap_or_else(|_| Err(self.timeout(started))),
+                        _ => wait.await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     () = closed.cancelled() => Err(Error::Closed),
-                    r = self.wait(&keys, started, deadline) => r,
+                    r = bounded => r,
                 }
             }
             Err(e) => Err(e),

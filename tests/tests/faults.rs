@@ -318,6 +318,36 @@ async fn a_blackholed_server_fails_acquires_with_a_clear_error_and_loses_leases_
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_timeout_returns_within_its_timeout_when_redis_is_blackholed() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    // A request may take 2 s (the default op_timeout); the caller allows 200 ms.
+    let b = Locker::connect(&proxy.url()).await.unwrap();
+    proxy.blackhole();
+    let started = Instant::now();
+    let result = timeout(
+        Duration::from_secs(5),
+        b.lock("k").acquire_timeout(Duration::from_millis(200)),
+    )
+    .await
+    .expect("hung");
+    let took = started.elapsed();
+    let err = result.unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(took < Duration::from_millis(400), "returned after {took:?}");
+    proxy.restore();
+    // A zero timeout still makes its one attempt and waits for the answer.
+    let g = b.lock("z").acquire_timeout(Duration::ZERO).await.unwrap();
+    let err = b
+        .lock("z")
+        .acquire_timeout(Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    g.release().await.unwrap();
+}
+
 // ----- connections reset -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
