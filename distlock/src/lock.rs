@@ -193,16 +193,6 @@ impl Lock {
                 Ok(guard) => return Ok(guard),
                 Err(ttl) => ttl,
             };
-            if !subscribed {
-                subscribed = true;
-                let (sub, confirmed) = self.locker.backend().subscribe(keys).await;
-                *head = Some(sub);
-                if confirmed {
-                    // A release between the failed attempt and the subscription
-                    // would be missed: try again now that messages will arrive.
-                    continue;
-                }
-            }
             let mut sleep = self.opts.backoff(retries);
             if let Some(ttl) = ttl {
                 sleep = sleep.min(ttl + Duration::from_millis(1));
@@ -213,6 +203,20 @@ impl Lock {
                     return Err(self.timeout(started));
                 }
                 sleep = sleep.min(d - now);
+            }
+            if !subscribed {
+                subscribed = true;
+                // Waiting for the confirmation is part of this sleep: a pub/sub
+                // connection that does not answer leaves the waiter on its timer.
+                let asked = Instant::now();
+                let (sub, confirmed) = self.locker.backend().subscribe(keys, sleep).await;
+                *head = Some(sub);
+                if confirmed {
+                    // A release between the failed attempt and the subscription
+                    // would be missed: try again now that messages will arrive.
+                    continue;
+                }
+                sleep = sleep.saturating_sub(asked.elapsed());
             }
             retries = retries.saturating_add(1);
             obs::waiting(&self.key, retries, sleep);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -69,8 +70,13 @@ impl Hub {
     }
 
     /// Subscribes to `channel`. Returns the subscription and whether the server
-    /// confirmed it (a waiter that is not confirmed must rely on its timers).
-    pub(crate) async fn subscribe(self: &Arc<Self>, channel: &str) -> (Subscription, bool) {
+    /// confirmed it within `ack_wait` (a waiter that is not confirmed must rely on
+    /// its timers; the subscription may still be confirmed later).
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        channel: &str,
+        ack_wait: Duration,
+    ) -> (Subscription, bool) {
         let (rx, first) = {
             let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
             let entry = map.entry(channel.to_owned()).or_insert_with(|| Channel {
@@ -96,7 +102,7 @@ impl Hub {
                 remote
                     .send(SubCmd::Subscribe(channel.to_owned(), ack))
                     .is_ok()
-                    && done.await.unwrap_or(false)
+                    && matches!(tokio::time::timeout(ack_wait, done).await, Ok(Ok(true)))
             }
         };
         (sub, confirmed)
@@ -179,12 +185,13 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    const ACK: Duration = Duration::from_secs(1);
 
     #[tokio::test]
     async fn a_notification_between_waits_is_not_missed() {
         let hub = Hub::local();
-        let (mut sub, ok) = hub.subscribe("c").await;
+        let (mut sub, ok) = hub.subscribe("c", ACK).await;
         assert!(ok);
         hub.notify("c");
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
@@ -195,8 +202,8 @@ mod tests {
     #[tokio::test]
     async fn channels_are_reference_counted() {
         let hub = Hub::local();
-        let (a, _) = hub.subscribe("c").await;
-        let (b, _) = hub.subscribe("c").await;
+        let (a, _) = hub.subscribe("c", ACK).await;
+        let (b, _) = hub.subscribe("c", ACK).await;
         assert_eq!(hub.len(), 1);
         drop(a);
         assert_eq!(hub.len(), 1);

@@ -504,6 +504,45 @@ async fn a_subscribed_waiter_falls_back_to_timers_when_the_pubsub_connection_is_
     proxy.restore();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_starts_while_pubsub_is_unreachable_acquires_by_timer() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let (a, b) = split_pubsub(&server, &proxy).await;
+    // Bring the pub/sub connection up, then cut it for good.
+    let held = a.lock("warm").acquire().await.unwrap();
+    let warm = acquire_in_task(&b, "warm");
+    eventually("the pub/sub connection", Duration::from_secs(2), || async {
+        proxy.connections() == 1
+    })
+    .await;
+    held.release().await.unwrap();
+    drop(
+        timeout(Duration::from_secs(2), warm)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    proxy.blackhole();
+    proxy.reset_all();
+
+    let held = a.lock("second").acquire().await.unwrap();
+    let late = acquire_in_task(&b, "second");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let released = Instant::now();
+    held.release().await.unwrap();
+    let (_g, acquired) = timeout(Duration::from_secs(5), late)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        acquired - released < Duration::from_millis(600),
+        "acquired {:?} after the release",
+        acquired - released
+    );
+    proxy.restore();
+}
+
 // ----- Redis out of memory -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

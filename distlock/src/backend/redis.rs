@@ -405,9 +405,13 @@ impl RedisBackend {
         .map(|n| n == 1)
     }
 
-    pub(crate) async fn subscribe(&self, channel: &str) -> (Subscription, bool) {
+    pub(crate) async fn subscribe(
+        &self,
+        channel: &str,
+        ack_wait: Duration,
+    ) -> (Subscription, bool) {
         self.start_pubsub();
-        self.shared.hub.subscribe(channel).await
+        self.shared.hub.subscribe(channel, ack_wait).await
     }
 
     fn start_pubsub(&self) {
