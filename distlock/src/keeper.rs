@@ -98,7 +98,7 @@ pub(crate) enum Cmd {
     Forget { id: u64 },
     /// Renew every lease on this lock key now (after a force-unlock).
     Check { lock_key: String },
-    /// Release everything, fire `Closed`, and answer when done.
+    /// Release everything, fire `Closed`, stop the keeper, and answer when done.
     Close { reply: oneshot::Sender<()> },
 }
 
@@ -189,12 +189,14 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
         releases: JoinSet::new(),
         closed: false,
     };
-    loop {
+    let mut closers = Vec::new();
+    let closed = loop {
         let next = st.timers.first().map(|(t, _)| *t);
         tokio::select! {
             cmd = rx.recv() => match cmd {
+                Some(Cmd::Close { reply }) => break Some(reply),
                 Some(cmd) => st.command(cmd),
-                None => break,
+                None => break None,
             },
             () = sleep_until(next) => st.due(),
             Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
@@ -202,11 +204,24 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
             }
             Some(_) = st.releases.join_next(), if !st.releases.is_empty() => {}
         }
-    }
-    // Every Locker handle and guard is gone: release what is left and finish.
+    };
+    // Closed, or every Locker handle and guard is gone: release what is left and
+    // finish. Commands already queued are served as after a close (a lease
+    // registered concurrently is released); later ones find the channel closed
+    // and their senders release or fail by themselves.
     st.close_all();
+    rx.close();
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Cmd::Close { reply } => closers.push(reply),
+            cmd => st.command(cmd),
+        }
+    }
     while st.releases.join_next().await.is_some() {}
     st.backend.shutdown();
+    for reply in closed.into_iter().chain(closers) {
+        let _ = reply.send(());
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -278,14 +293,8 @@ impl State {
                     .collect();
                 self.renew(ids);
             }
-            Cmd::Close { reply } => {
-                self.close_all();
-                let mut releases = std::mem::take(&mut self.releases);
-                tokio::spawn(async move {
-                    while releases.join_next().await.is_some() {}
-                    let _ = reply.send(());
-                });
-            }
+            // Handled by `run`, which stops after it.
+            Cmd::Close { reply } => drop(reply),
         }
     }
 

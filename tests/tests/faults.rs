@@ -9,6 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use distlock::{Error, Locker, LockerBuilder, LostReason};
+use distlock_tests::process::alive_tasks;
 use distlock_tests::{FaultProxy, RedisServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
@@ -585,4 +586,73 @@ async fn out_of_memory_fails_new_acquires_clearly_and_spares_held_leases() {
         .unwrap();
     let g = a.lock("new").try_acquire().await.unwrap().unwrap();
     g.release().await.unwrap();
+}
+
+// ----- close() -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_fails_every_waiter_releases_every_lease_and_stops_every_task() {
+    let server = RedisServer::start().await;
+    let before_any = alive_tasks();
+    let other = Locker::connect(&server.url()).await.unwrap();
+    let mut theirs = Vec::new();
+    for i in 0..5 {
+        theirs.push(other.lock(format!("theirs-{i}")).acquire().await.unwrap());
+    }
+    let baseline = alive_tasks();
+
+    let a = Locker::connect(&server.url()).await.unwrap();
+    let mut mine = Vec::new();
+    for i in 0..10 {
+        mine.push(a.lock(format!("mine-{i}")).acquire().await.unwrap());
+    }
+    let waiters: Vec<_> = (0..10)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move { a.lock(format!("theirs-{}", i % 5)).acquire().await })
+        })
+        .collect();
+    eventually("every waiter queues", Duration::from_secs(2), || async {
+        a.__waiting_lines() == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(alive_tasks() > baseline + 10);
+
+    timeout(Duration::from_secs(5), a.close())
+        .await
+        .expect("close hung")
+        .unwrap();
+    for w in waiters {
+        let err = timeout(Duration::from_secs(2), w)
+            .await
+            .expect("a waiter outlived close")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.is_closed(), "{err}");
+    }
+    for g in &mine {
+        assert_eq!(g.lost_reason(), Some(LostReason::Closed));
+    }
+    assert!(
+        server.keys("distlock:{mine-*}").await.is_empty(),
+        "a lease survived close"
+    );
+    // The handles (locker, guards) are still alive; the tasks are not.
+    eventually(
+        "every task of the closed locker ends",
+        Duration::from_secs(3),
+        || async { alive_tasks() == baseline },
+    )
+    .await;
+    assert!(a.lock("x").try_acquire().await.unwrap_err().is_closed());
+    drop(mine);
+    drop(a);
+
+    drop(theirs);
+    other.close().await.unwrap();
+    eventually("every task ends", Duration::from_secs(3), || async {
+        alive_tasks() == before_any
+    })
+    .await;
 }
