@@ -8,10 +8,14 @@ use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectio
 
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisSettings};
+use crate::backend::redlock::RedlockBackend;
 use crate::backend::Backend;
+use crate::error::ServerError;
 use crate::error::{Error, Result};
 use crate::locker::Locker;
+use crate::notify::Hub;
 use crate::options::LeaseOptions;
+use std::sync::Arc;
 
 /// An in-memory lock store: what one Redis server is to several replicas, for
 /// lockers in one process. Clones share the store.
@@ -77,7 +81,6 @@ pub(crate) const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 /// | `retry_backoff` | 50 ms doubling to 1 s, ±25 % jitter |
 /// | `op_timeout` (one request) | 2 s |
 /// | `connect_timeout` | 3 s |
-/// | `restart_quarantine` | off |
 ///
 /// # Examples
 ///
@@ -106,6 +109,12 @@ pub struct LockerBuilder {
     password: Option<String>,
     db: Option<i64>,
     pool: Option<Pool>,
+    servers: Vec<String>,
+    cluster: Vec<String>,
+    sentinel: Option<(Vec<String>, String)>,
+    wait_replicas: Option<(u32, Duration)>,
+    #[cfg(feature = "tls")]
+    tls_root_cert: Option<Vec<u8>>,
     memory: Option<MemoryStore>,
     pool_size: usize,
     connections: usize,
@@ -114,13 +123,27 @@ pub struct LockerBuilder {
     opts: LeaseOptions,
     op_timeout: Duration,
     connect_timeout: Duration,
-    restart_quarantine: Duration,
 }
 
 impl fmt::Debug for LockerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockerBuilder")
             .field("url", &self.url.as_deref().map(redact))
+            .field(
+                "servers",
+                &self.servers.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "cluster",
+                &self.cluster.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "sentinel",
+                &self
+                    .sentinel
+                    .as_ref()
+                    .map(|(u, m)| (u.iter().map(|u| redact(u)).collect::<Vec<_>>(), m)),
+            )
             .field("host", &self.host)
             .field("port", &self.port)
             .field("username", &self.username)
@@ -131,7 +154,6 @@ impl fmt::Debug for LockerBuilder {
             .field("connections", &self.connections)
             .field("key_prefix", &self.key_prefix)
             .field("expiry", &self.opts.expiry)
-            .field("restart_quarantine", &self.restart_quarantine)
             .finish_non_exhaustive()
     }
 }
@@ -153,6 +175,12 @@ impl LockerBuilder {
             password: None,
             db: None,
             pool: None,
+            servers: Vec::new(),
+            cluster: Vec::new(),
+            sentinel: None,
+            wait_replicas: None,
+            #[cfg(feature = "tls")]
+            tls_root_cert: None,
             memory: None,
             pool_size: 16,
             connections: 2,
@@ -161,7 +189,6 @@ impl LockerBuilder {
             opts: LeaseOptions::default(),
             op_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(3),
-            restart_quarantine: Duration::ZERO,
         }
     }
 
@@ -169,6 +196,59 @@ impl LockerBuilder {
     /// for TLS (with the `tls` feature), `unix:///path` for a socket.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
+        self
+    }
+    /// Redlock: one lock over these independent servers (3 or 5). Every
+    /// operation must succeed on a majority; a minority may be down. `username`,
+    /// `password` and `db` apply to every server; `host`/`port` may not be used.
+    pub fn servers<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.servers = urls.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Redis Cluster: these are seed nodes (any of its nodes will do; give a
+    /// few). Every lock's keys share a hash tag, so each script runs on the one
+    /// node owning the lock's slot. `username` and `password` apply to every node.
+    pub fn cluster<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cluster = urls.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Redis Sentinel: `sentinels` are the Sentinels' URLs, `master` the name
+    /// they monitor. Commands go to the current master, found again after a
+    /// failover; `username`, `password` and `db` apply to the master.
+    pub fn sentinel<I, S>(mut self, sentinels: I, master: impl Into<String>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let urls = sentinels.into_iter().map(Into::into).collect();
+        self.sentinel = Some((urls, master.into()));
+        self
+    }
+    /// After every acquire and renewal, wait until `replicas` replicas have
+    /// acknowledged the write (`WAIT replicas timeout`); if fewer do in time,
+    /// the acquisition is given back and fails with [`Error::Unavailable`] (a
+    /// renewal counts as failed). This narrows the window in which a failover
+    /// to a replica that never received the lock lets a second owner in; it
+    /// does not close it (`WAIT` does not make Redis strongly consistent: a
+    /// replica that acknowledged can still lose the write, and a failover can
+    /// pick one that did not). It also stalls the connection it runs on.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = Some((replicas, timeout));
+        self
+    }
+    /// Trusts this CA certificate (PEM) for `rediss://` connections instead of
+    /// the system's roots: for servers with a private CA.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
     /// The host (overrides the URL's).
@@ -272,23 +352,6 @@ impl LockerBuilder {
         self.connect_timeout = timeout;
         self
     }
-    /// Hands out no lock while the server has been up for less than `quarantine`
-    /// (default: zero, off); acquisitions wait as if the key were held.
-    ///
-    /// A Redis restarted without its data forgets every lease, while their holders
-    /// learn of the loss only at their next renewal or validity deadline, up to one
-    /// expiry later: meanwhile another client could take the same lock. Set this to
-    /// at least the longest expiry any client uses when Redis runs without
-    /// persistence (or with `appendfsync` other than `always`). Redis reports its
-    /// uptime in whole seconds, so the quarantine lasts up to a second longer than
-    /// asked. It costs an `INFO`
-    /// call inside each acquire script (the ACL user needs `+info`), and delays
-    /// the first acquisitions on a freshly started server too: Redis cannot tell a
-    /// first start from a restart. The in-memory backend ignores it.
-    pub fn restart_quarantine(mut self, quarantine: Duration) -> Self {
-        self.restart_quarantine = quarantine;
-        self
-    }
 
     fn validate(&self) -> Result<()> {
         self.opts.validate()?;
@@ -313,9 +376,6 @@ impl LockerBuilder {
             if d.is_zero() || d > Duration::from_secs(300) {
                 return Err(Error::config(format!("{name} must be between 1ms and 5m")));
             }
-        }
-        if self.restart_quarantine > crate::options::MAX_EXPIRY {
-            return Err(Error::config("restart_quarantine must be at most 24h"));
         }
         Ok(())
     }
@@ -350,14 +410,28 @@ impl LockerBuilder {
             connections: self.connections,
             op_timeout: self.op_timeout,
             connect_timeout: self.connect_timeout,
-            restart_quarantine: self.restart_quarantine,
+            wait_replicas: self.wait_replicas,
         };
+        if !self.servers.is_empty() && !self.cluster.is_empty() {
+            return Err(Error::config(
+                "servers(...) and cluster(...) cannot be combined",
+            ));
+        }
+        if !self.servers.is_empty() {
+            return self.build_redlock(settings).await;
+        }
+        if !self.cluster.is_empty() {
+            return self.build_cluster(settings).await;
+        }
+        if self.sentinel.is_some() {
+            return self.build_sentinel(settings).await;
+        }
         let have_address = self.url.is_some() || self.host.is_some() || self.port.is_some();
         let (pool, pubsub, description) = match &self.pool {
             Some(pool) => {
                 let pubsub = if have_address {
                     Some(
-                        redis::Client::open(self.connection_info()?)
+                        redis::Client::open(self.connection_info(self.url.as_deref())?)
                             .map_err(|e| Error::from_redis("client", e))?,
                     )
                 } else {
@@ -366,23 +440,9 @@ impl LockerBuilder {
                 (pool.clone(), pubsub, "redis (pool)".to_owned())
             }
             None => {
-                let info = self.connection_info()?;
+                let info = self.connection_info(self.url.as_deref())?;
                 let description = format!("redis {}", describe(&info));
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.op_timeout));
-                let manager = Manager::new_with_config(info.clone(), config)
-                    .map_err(|e| Error::from_redis("client", e))?;
-                let pool = Pool::builder(manager)
-                    .max_size(self.pool_size)
-                    .runtime(Runtime::Tokio1)
-                    .wait_timeout(Some(self.connect_timeout))
-                    .create_timeout(Some(self.connect_timeout))
-                    .recycle_timeout(Some(self.op_timeout))
-                    .build()
-                    .map_err(|e| Error::config(format!("connection pool: {e}")))?;
-                let client =
-                    redis::Client::open(info).map_err(|e| Error::from_redis("client", e))?;
+                let (pool, client) = self.pool_for(info)?;
                 (pool, Some(client), description)
             }
         };
@@ -394,9 +454,201 @@ impl LockerBuilder {
         Ok(self.finish(Backend::Redis(backend), description))
     }
 
-    /// The connection info from the URL and the separate settings.
-    fn connection_info(&self) -> Result<ConnectionInfo> {
-        let mut info = match &self.url {
+    /// A pool (and a client for pub/sub) for one server.
+    fn pool_for(&self, info: ConnectionInfo) -> Result<(Pool, redis::Client)> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.op_timeout));
+        let manager = Manager::new_with_config(info.clone(), config)
+            .map_err(|e| Error::from_redis("client", e))?;
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let client = redis::Client::open(info).map_err(|e| Error::from_redis("client", e))?;
+        Ok((pool, client))
+    }
+
+    /// The master that Sentinel names.
+    async fn build_sentinel(mut self, settings: RedisSettings) -> Result<Locker> {
+        let Some((urls, master)) = self.sentinel.take() else {
+            return Err(Error::config("no sentinels given"));
+        };
+        if urls.is_empty() || master.is_empty() {
+            return Err(Error::config(
+                "sentinel(...) needs at least one URL and a master name",
+            ));
+        }
+        if self.pool.is_some() || self.url.is_some() {
+            return Err(Error::config(
+                "sentinel(...) cannot be combined with url(...) or pool(...)",
+            ));
+        }
+        let sentinels = urls
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<Result<Vec<_>>>()?;
+        let node = deadpool_redis::RedisConnectionInfo {
+            db: self.db.unwrap_or(0),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            protocol: deadpool_redis::ProtocolVersion::RESP2,
+        };
+        let node_info = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: Some(node.clone()),
+        };
+        let manager = deadpool_redis::sentinel::Manager::new(
+            sentinels.clone(),
+            master.clone(),
+            Some(node_info.clone()),
+            deadpool_redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|e| Error::from_redis("sentinel client", e))?;
+        let pool = deadpool_redis::sentinel::Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let client = || {
+            redis::sentinel::SentinelClient::build(
+                sentinels.clone(),
+                master.clone(),
+                Some(node_info.clone().into()),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| Error::from_redis("sentinel client", e))
+        };
+        let backend = RedisBackend::sentinel(pool, client()?, client()?, master.clone(), settings);
+        if let Err(e) = backend.verify().await {
+            backend.shutdown();
+            return Err(e);
+        }
+        let description = format!("redis via sentinel (master `{master}`)");
+        Ok(self.finish(Backend::Redis(backend), description))
+    }
+
+    /// A cluster from its seed nodes.
+    async fn build_cluster(self, settings: RedisSettings) -> Result<Locker> {
+        if self.pool.is_some() || self.url.is_some() {
+            return Err(Error::config(
+                "cluster(...) cannot be combined with url(...) or pool(...)",
+            ));
+        }
+        if self.db.is_some_and(|db| db != 0) {
+            return Err(Error::config("Redis Cluster has only database 0"));
+        }
+        let infos = self
+            .cluster
+            .iter()
+            .map(|u| self.connection_info(Some(u)))
+            .collect::<Result<Vec<_>>>()?;
+        let manager = deadpool_redis::cluster::Manager::new(infos.clone(), false)
+            .map_err(|e| Error::from_redis("cluster client", e))?;
+        let pool = deadpool_redis::cluster::Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let nodes = infos
+            .into_iter()
+            .map(|i| redis::Client::open(i).map_err(|e| Error::from_redis("client", e)))
+            .collect::<Result<Vec<_>>>()?;
+        let backend = RedisBackend::cluster(pool, nodes, settings);
+        if let Err(e) = backend.verify().await {
+            backend.shutdown();
+            return Err(e);
+        }
+        let description = format!("redis cluster ({} seed nodes)", self.cluster.len());
+        Ok(self.finish(Backend::Redis(backend), description))
+    }
+
+    /// Redlock over `servers`: a pool and a pub/sub connection per server, all
+    /// feeding one hub. Up to a minority of servers may be down at start; two
+    /// URLs that reach the same server (same `run_id`) are a configuration error.
+    async fn build_redlock(self, settings: RedisSettings) -> Result<Locker> {
+        let n = self.servers.len();
+        if n < 2 {
+            return Err(Error::config(
+                "Redlock needs at least 2 servers (3 or 5 to survive failures)",
+            ));
+        }
+        if self.pool.is_some() || self.url.is_some() {
+            return Err(Error::config(
+                "servers(...) cannot be combined with url(...) or pool(...)",
+            ));
+        }
+        let quorum = n / 2 + 1;
+        let (hub, feeds) = Hub::remote(n, quorum);
+        let mut servers = Vec::with_capacity(n);
+        for (url, feed) in self.servers.iter().zip(feeds) {
+            let (pool, client) = self.pool_for(self.connection_info(Some(url))?)?;
+            let backend =
+                RedisBackend::member(pool, client, feed, Arc::clone(&hub), settings.clone());
+            servers.push((redact(url), backend));
+        }
+        let checks = futures_util::future::join_all(servers.iter().map(|(_, b)| b.verify())).await;
+        let shutdown = |servers: &[(String, RedisBackend)]| {
+            for (_, b) in servers {
+                b.shutdown();
+            }
+        };
+        let mut seen: Vec<(String, &str)> = Vec::new();
+        let mut causes = Vec::new();
+        for ((name, _), check) in servers.iter().zip(checks) {
+            match check {
+                Ok(Some(run_id)) => {
+                    if let Some((other, _)) = seen.iter().find(|(id, _)| *id == run_id) {
+                        let msg = format!(
+                            "`{other}` and `{name}` reach the same Redis server: Redlock needs independent servers"
+                        );
+                        shutdown(&servers);
+                        return Err(Error::config(msg));
+                    }
+                    seen.push((run_id, name));
+                }
+                Ok(None) => {}
+                Err(e @ (Error::Auth { .. } | Error::Config(_))) => {
+                    shutdown(&servers);
+                    return Err(e);
+                }
+                Err(error) => causes.push(ServerError {
+                    server: name.clone(),
+                    error,
+                }),
+            }
+        }
+        if causes.len() > n - quorum {
+            shutdown(&servers);
+            return Err(Error::Quorum {
+                succeeded: n - causes.len(),
+                needed: quorum,
+                causes,
+            });
+        }
+        for c in &causes {
+            tracing::warn!(server = %c.server, error = %c.error, "redlock server unavailable at start");
+        }
+        let description = format!("redlock over {n} servers");
+        Ok(self.finish(
+            Backend::Redlock(RedlockBackend::new(servers, hub)),
+            description,
+        ))
+    }
+
+    /// The connection info from a URL (or the default) and the separate settings.
+    fn connection_info(&self, url: Option<&str>) -> Result<ConnectionInfo> {
+        let mut info = match url {
             Some(url) => parse_url(url)?,
             None => ConnectionAddr::Tcp(
                 self.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
@@ -405,7 +657,7 @@ impl LockerBuilder {
             .into_connection_info()
             .map_err(|e| Error::config(format!("invalid address: {e}")))?,
         };
-        if self.url.is_some() && (self.host.is_some() || self.port.is_some()) {
+        if url.is_some() && (self.host.is_some() || self.port.is_some()) {
             let (host, port) = match info.addr() {
                 ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
                 ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
@@ -441,7 +693,18 @@ impl LockerBuilder {
             }
             redis = redis.set_db(db);
         }
-        Ok(info.set_redis_settings(redis))
+        let info = info.set_redis_settings(redis);
+        #[cfg(feature = "tls")]
+        if let Some(pem) = &self.tls_root_cert {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            };
+            let client = redis::Client::build_with_tls(info, certs)
+                .map_err(|e| Error::config(format!("TLS root certificate: {e}")))?;
+            return Ok(client.get_connection_info().clone());
+        }
+        Ok(info)
     }
 }
 

@@ -13,6 +13,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::{Error, LostReason, Result};
 use crate::keeper::{Cmd, LeaseState};
+use crate::key::Kind;
 use crate::locker::Locker;
 
 /// A held lock. The lease renews itself in the background until the guard is
@@ -153,6 +154,7 @@ impl LockGuard {
         self.locker.keeper().send(Cmd::Forget { id: self.lease.id });
         Lease {
             key: self.lease.keys.name.clone(),
+            kind: self.lease.keys.kind,
             token: self.lease.token.clone(),
             fencing_token: self.lease.fence,
             expiry: self.lease.expiry,
@@ -219,6 +221,7 @@ impl Future for Lost {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Lease {
     key: String,
+    kind: Kind,
     token: String,
     fencing_token: u64,
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -229,6 +232,7 @@ impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("key", &self.key)
+            .field("kind", &self.kind)
             .field("fencing_token", &self.fencing_token)
             .field("expiry", &self.expiry)
             .finish_non_exhaustive()
@@ -250,5 +254,8 @@ impl Lease {
     }
     pub(crate) fn token(&self) -> &str {
         &self.token
+    }
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
     }
 }

@@ -96,8 +96,8 @@ pub(crate) enum Cmd {
     },
     /// Stop renewing without releasing (detach).
     Forget { id: u64 },
-    /// Renew every lease on this lock key now (after a force-unlock).
-    Check { lock_key: String },
+    /// Renew every lease on this lock name now (after a force-unlock).
+    Check { name: String },
     /// Release everything, fire `Closed`, stop the keeper, and answer when done.
     Close { reply: oneshot::Sender<()> },
 }
@@ -284,11 +284,11 @@ impl State {
             Cmd::Forget { id } => {
                 self.remove(id);
             }
-            Cmd::Check { lock_key } => {
+            Cmd::Check { name } => {
                 let ids: Vec<u64> = self
                     .entries
                     .values()
-                    .filter(|e| e.lease.keys.lock == lock_key && !e.in_flight)
+                    .filter(|e| e.lease.keys.name == name && !e.in_flight)
                     .map(|e| e.lease.id)
                     .collect();
                 self.renew(ids);
@@ -381,6 +381,7 @@ impl State {
                 self.timers.insert((e.wake, id));
                 batch.push(Renewal {
                     key: e.lease.keys.lock.clone(),
+                    shared: e.lease.keys.kind.shared(),
                     token: e.lease.token.clone(),
                     ttl: e.lease.expiry,
                 });
@@ -448,6 +449,7 @@ async fn release(backend: &Backend, lease: &LeaseState, keep_until: Option<Insta
         Some(t) if t > now => {
             let batch = [Renewal {
                 key: lease.keys.lock.clone(),
+                shared: lease.keys.kind.shared(),
                 token: lease.token.clone(),
                 ttl: t - now,
             }];

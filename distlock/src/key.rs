@@ -1,11 +1,16 @@
 //! Lock key validation and the Redis key layout.
 //!
-//! Every lock named `K` under prefix `P` owns three Redis names that share one
-//! Redis Cluster hash tag, so every script touches one slot:
+//! Every lock named `K` under prefix `P` uses Redis names that share one Redis
+//! Cluster hash tag, `{K}`, so every script touches one slot:
 //!
 //! | name | what |
 //! |---|---|
-//! | `P{K}` | the lock itself (a string holding the owner's token, with a TTL) |
+//! | `P{K}` | a mutex: a string holding the owner's token, with a TTL |
+//! | `P{K}:sem` | a semaphore: a sorted set of tokens scored by expiry (server ms) |
+//! | `P{K}:sem:max` | the semaphore's permit count, checked on acquire |
+//! | `P{K}:rw:w` | a reader-writer lock's writer (a string, like a mutex) |
+//! | `P{K}:rw:r` | its readers (a sorted set, like a semaphore) |
+//! | `P{K}:rw:i` | a waiting writer's intent: new readers wait while it lives |
 //! | `P{K}:fence` | the fencing counter (bounded TTL, refreshed on acquire) |
 //! | `P{K}:released` | the pub/sub channel a release publishes to |
 
@@ -14,13 +19,37 @@ use crate::error::{Error, Result};
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
 
+/// What kind of lock a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub(crate) enum Kind {
+    Mutex,
+    Semaphore { max: u32 },
+    Read,
+    Write,
+}
+
+impl Kind {
+    /// True when holders are members of a sorted set (many at once).
+    pub(crate) fn shared(self) -> bool {
+        matches!(self, Kind::Semaphore { .. } | Kind::Read)
+    }
+}
+
 /// The Redis names of one lock.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Keys {
     /// The user's key.
     pub(crate) name: String,
-    /// The lock key.
+    pub(crate) kind: Kind,
+    /// Where the holder's token lives (a string, or a sorted-set member).
     pub(crate) lock: String,
+    /// Semaphore: the permit count. Reader-writer lock: the other side (the
+    /// writer for a reader, the readers for a writer).
+    pub(crate) aux: String,
+    /// Reader-writer lock: the waiting writer's intent.
+    pub(crate) intent: String,
     /// The fencing counter.
     pub(crate) fence: String,
     /// The release channel.
@@ -28,15 +57,37 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    pub(crate) fn new(prefix: &str, name: &str) -> Result<Self> {
+    pub(crate) fn new(prefix: &str, name: &str, kind: Kind) -> Result<Self> {
         validate_key(name)?;
-        let lock = format!("{prefix}{{{name}}}");
+        let base = format!("{prefix}{{{name}}}");
+        let (lock, aux) = match kind {
+            Kind::Mutex => (base.clone(), String::new()),
+            Kind::Semaphore { .. } => (format!("{base}:sem"), format!("{base}:sem:max")),
+            Kind::Read => (format!("{base}:rw:r"), format!("{base}:rw:w")),
+            Kind::Write => (format!("{base}:rw:w"), format!("{base}:rw:r")),
+        };
         Ok(Keys {
             name: name.to_owned(),
-            fence: format!("{lock}:fence"),
-            channel: format!("{lock}:released"),
+            kind,
             lock,
+            aux,
+            intent: format!("{base}:rw:i"),
+            fence: format!("{base}:fence"),
+            channel: format!("{base}:released"),
         })
+    }
+
+    /// Every key a force-unlock deletes: the holders of every kind.
+    pub(crate) fn all_holders(prefix: &str, name: &str) -> Result<[String; 5]> {
+        validate_key(name)?;
+        let base = format!("{prefix}{{{name}}}");
+        Ok([
+            format!("{base}:sem"),
+            format!("{base}:rw:w"),
+            format!("{base}:rw:r"),
+            format!("{base}:rw:i"),
+            base,
+        ])
     }
 }
 
@@ -85,8 +136,11 @@ mod tests {
 
     #[test]
     fn all_names_of_a_lock_share_one_hash_tag() {
-        let k = Keys::new("distlock:", "order:42").unwrap();
+        let k = Keys::new("distlock:", "order:42", Kind::Mutex).unwrap();
         assert_eq!(k.lock, "distlock:{order:42}");
+        let s = Keys::new("distlock:", "order:42", Kind::Semaphore { max: 2 }).unwrap();
+        assert_eq!(s.lock, "distlock:{order:42}:sem");
+        assert_eq!(s.fence, k.fence);
         assert_eq!(k.fence, "distlock:{order:42}:fence");
         assert_eq!(k.channel, "distlock:{order:42}:released");
     }
@@ -99,12 +153,12 @@ mod tests {
             ("a}b", "hash tags"),
             ("a\nb", "control"),
         ] {
-            let err = Keys::new("p:", key).unwrap_err();
+            let err = Keys::new("p:", key, Kind::Mutex).unwrap_err();
             assert!(matches!(err, Error::InvalidKey { .. }), "{key:?}");
             assert!(err.to_string().contains(reason), "{err}");
         }
         let long = "x".repeat(MAX_KEY_LEN + 1);
-        assert!(Keys::new("p:", &long).is_err());
-        assert!(Keys::new("p:", &"x".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(Keys::new("p:", &long, Kind::Read).is_err());
+        assert!(Keys::new("p:", &"x".repeat(MAX_KEY_LEN), Kind::Write).is_ok());
     }
 }

@@ -15,6 +15,8 @@ mod obs;
 mod options;
 mod queue;
 mod run;
+mod rwlock;
+mod semaphore;
 mod token;
 
 pub use builder::{LockerBuilder, MemoryStore};
@@ -25,6 +27,8 @@ pub use lock::Lock;
 pub use locker::{default_locker, set_default, Locker};
 pub use options::{MAX_EXPIRY, MIN_EXPIRY};
 pub use run::{current, Current, OnBusy, Policy};
+pub use rwlock::{ReadGuard, RwLock, WriteGuard};
+pub use semaphore::{Semaphore, SemaphorePermit};
 pub use tokio_util::sync::CancellationToken;
 
 /// Used by code that `#[distributed_lock]` generates. Not a public API.

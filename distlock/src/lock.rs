@@ -10,7 +10,7 @@ use crate::backend::Attempt;
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::keeper::{Cmd, LeaseState};
-use crate::key::Keys;
+use crate::key::{Keys, Kind};
 use crate::locker::Locker;
 use crate::obs;
 use crate::options::LeaseOptions;
@@ -36,6 +36,7 @@ use crate::options::LeaseOptions;
 pub struct Lock {
     locker: Locker,
     key: String,
+    kind: Kind,
     opts: LeaseOptions,
 }
 
@@ -43,8 +44,17 @@ pub struct Lock {
 type Try = std::result::Result<LockGuard, Option<Duration>>;
 
 impl Lock {
-    pub(crate) fn new(locker: Locker, key: String, opts: LeaseOptions) -> Self {
-        Lock { locker, key, opts }
+    pub(crate) fn new(locker: Locker, key: String, kind: Kind, opts: LeaseOptions) -> Self {
+        Lock {
+            locker,
+            key,
+            kind,
+            opts,
+        }
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// The key, as given.
@@ -71,6 +81,12 @@ impl Lock {
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
         self.opts.max_hold = Some(max_hold);
         self
+    }
+
+    /// How many live holders the lock has (semaphores; 0 or 1 otherwise).
+    pub(crate) async fn count(&self) -> Result<usize> {
+        let keys = self.prepare()?;
+        self.locker.backend().count(&keys).await
     }
 
     /// Makes one attempt. `Ok(None)` if another owner holds the lock.
@@ -126,7 +142,12 @@ impl Lock {
             return Err(Error::Closed);
         }
         self.opts.validate()?;
-        Keys::new(self.locker.key_prefix(), &self.key)
+        if self.kind == (Kind::Semaphore { max: 0 }) {
+            return Err(Error::config(
+                "a semaphore needs at least one permit (max = 0)",
+            ));
+        }
+        Keys::new(self.locker.key_prefix(), &self.key, self.kind)
     }
 
     pub(crate) async fn acquire_until(&self, deadline: Option<Instant>) -> Result<LockGuard> {
@@ -238,7 +259,11 @@ impl Lock {
         let token = crate::token::mint(self.locker.owner_tag())?;
         let sent = Instant::now();
         let backend = self.locker.backend();
-        let fence = match backend.acquire(keys, &token, self.opts.expiry).await? {
+        let intent = (self.opts.retry_max * 3).max(Duration::from_secs(1));
+        let fence = match backend
+            .acquire(keys, &token, self.opts.expiry, intent)
+            .await?
+        {
             Attempt::Held { ttl } => return Ok(Err(ttl)),
             Attempt::Acquired { fence } => fence,
         };

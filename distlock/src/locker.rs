@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -13,10 +13,12 @@ use crate::builder::LockerBuilder;
 use crate::error::{Error, LostReason, Result};
 use crate::guard::{Lease, LockGuard};
 use crate::keeper::{Cmd, Keeper, LeaseState};
-use crate::key::Keys;
+use crate::key::{Keys, Kind};
 use crate::lock::Lock;
 use crate::options::LeaseOptions;
 use crate::queue::Queues;
+use crate::rwlock::RwLock;
+use crate::semaphore::Semaphore;
 
 /// The entry point: a connection to Redis (or the in-memory backend) that hands
 /// out locks, keeps their leases alive, and wakes their waiters.
@@ -112,6 +114,22 @@ impl Locker {
         Locker::builder().url(url).build().await
     }
 
+    /// Redlock over these independent servers (3 or 5) with default options;
+    /// see [`LockerBuilder::servers`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Locker::connect`] for each server; [`Error::Quorum`] if more than a
+    /// minority cannot be reached; [`Error::Config`] if two URLs reach the same
+    /// server.
+    pub async fn redlock<I, S>(urls: I) -> Result<Locker>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Locker::builder().servers(urls).build().await
+    }
+
     /// A builder for every option; see [`LockerBuilder`].
     pub fn builder() -> LockerBuilder {
         LockerBuilder::new()
@@ -149,7 +167,29 @@ impl Locker {
     /// A mutex on `key`. Keys are 1 to 1024 bytes, without `{`, `}` or control
     /// characters; they are checked when acquiring.
     pub fn lock(&self, key: impl Into<String>) -> Lock {
-        Lock::new(self.clone(), key.into(), self.inner.opts)
+        Lock::new(self.clone(), key.into(), Kind::Mutex, self.inner.opts)
+    }
+
+    /// A counting semaphore on `key`: at most `max` holders at once. Every user
+    /// of one semaphore must agree on `max` (a disagreement is an error while
+    /// permits are held).
+    pub fn semaphore(&self, key: impl Into<String>, max: u32) -> Semaphore {
+        Semaphore::new(Lock::new(
+            self.clone(),
+            key.into(),
+            Kind::Semaphore { max },
+            self.inner.opts,
+        ))
+    }
+
+    /// A reader-writer lock on `key`: many readers or one writer; a waiting
+    /// writer keeps new readers out, so writers are not starved.
+    pub fn rw_lock(&self, key: impl Into<String>) -> RwLock {
+        let key = key.into();
+        RwLock::new(
+            Lock::new(self.clone(), key.clone(), Kind::Read, self.inner.opts),
+            Lock::new(self.clone(), key, Kind::Write, self.inner.opts),
+        )
     }
 
     /// Deletes the lock on `key` whoever holds it, and wakes its waiters (an
@@ -161,10 +201,15 @@ impl Locker {
     ///
     /// [`Error::InvalidKey`], [`Error::Closed`], or the backend's errors.
     pub async fn force_unlock(&self, key: &str) -> Result<bool> {
-        let keys = self.keys(key)?;
-        let existed = self.inner.backend.force_unlock(&keys).await?;
+        let keys = self.keys(key, Kind::Mutex)?;
+        let holders = Keys::all_holders(&self.inner.prefix, key)?;
+        let existed = self
+            .inner
+            .backend
+            .force_unlock(&holders, &keys.channel)
+            .await?;
         self.inner.keeper.send(Cmd::Check {
-            lock_key: keys.lock,
+            name: key.to_owned(),
         });
         Ok(existed)
     }
@@ -176,7 +221,7 @@ impl Locker {
     /// [`Error::Lost`] if the key no longer holds this lease's token; otherwise
     /// as [`force_unlock`](Locker::force_unlock).
     pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
-        let keys = self.keys(lease.key())?;
+        let keys = self.keys(lease.key(), lease.kind())?;
         if self.inner.backend.release(&keys, lease.token()).await? {
             Ok(())
         } else {
@@ -190,8 +235,9 @@ impl Locker {
     ///
     /// As [`release_lease`](Locker::release_lease).
     pub async fn extend_lease(&self, lease: &Lease) -> Result<()> {
-        let keys = self.keys(lease.key())?;
+        let keys = self.keys(lease.key(), lease.kind())?;
         let batch = [crate::backend::Renewal {
+            shared: keys.kind.shared(),
             key: keys.lock,
             token: lease.token().to_owned(),
             ttl: lease.expiry(),
@@ -209,7 +255,7 @@ impl Locker {
     ///
     /// As [`release_lease`](Locker::release_lease).
     pub async fn adopt(&self, lease: Lease) -> Result<LockGuard> {
-        let keys = self.keys(lease.key())?;
+        let keys = self.keys(lease.key(), lease.kind())?;
         let mut opts = self.inner.opts;
         opts.expiry = lease.expiry();
         opts.validate()?;
@@ -271,11 +317,11 @@ impl Locker {
         &self.inner.prefix
     }
 
-    fn keys(&self, key: &str) -> Result<Keys> {
+    fn keys(&self, key: &str, kind: Kind) -> Result<Keys> {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        Keys::new(&self.inner.prefix, key)
+        Keys::new(&self.inner.prefix, key, kind)
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -314,12 +360,12 @@ fn lost(lease: &Lease) -> Error {
     }
 }
 
-static DEFAULT: OnceLock<RwLock<Option<Locker>>> = OnceLock::new();
+static DEFAULT: OnceLock<std::sync::RwLock<Option<Locker>>> = OnceLock::new();
 
 /// Sets the process-wide default locker, used by `#[distributed_lock]` when no
 /// `locker = ...` is given. Replaces any previous default.
 pub fn set_default(locker: Locker) {
-    let slot = DEFAULT.get_or_init(|| RwLock::new(None));
+    let slot = DEFAULT.get_or_init(|| std::sync::RwLock::new(None));
     let mut slot = slot
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -18,6 +18,8 @@ pub(crate) enum SubCmd {
     Subscribe(String, oneshot::Sender<bool>),
     /// Unsubscribe from a channel.
     Unsubscribe(String),
+    /// Drop the connection and connect again (the master moved).
+    Reconnect,
 }
 
 #[derive(Debug)]
@@ -39,8 +41,11 @@ enum Feed {
     /// The in-memory backend calls `notify` itself.
     #[default]
     Local,
-    /// A pub/sub connection task reads `SubCmd`s and calls `notify`.
-    Remote(mpsc::UnboundedSender<SubCmd>),
+    /// Pub/sub connection tasks (one per server) read `SubCmd`s and call
+    /// `notify`; a subscription is confirmed when `needed` of them confirm (a
+    /// majority of servers: every release reaches a majority, so a waiter
+    /// subscribed on a majority hears of it).
+    Remote(Vec<mpsc::UnboundedSender<SubCmd>>, usize),
     /// No pub/sub connection: waiters rely on their timers.
     Absent,
 }
@@ -59,14 +64,18 @@ impl Hub {
         })
     }
 
-    /// A hub fed by a pub/sub connection task reading `SubCmd`s from the receiver.
-    pub(crate) fn remote() -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// A hub fed by `servers` pub/sub connection tasks, each reading `SubCmd`s
+    /// from its receiver; `needed` confirmations make a subscription confirmed.
+    pub(crate) fn remote(
+        servers: usize,
+        needed: usize,
+    ) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<SubCmd>>) {
+        let (txs, rxs) = (0..servers).map(|_| mpsc::unbounded_channel()).unzip();
         let hub = Hub {
             channels: Mutex::default(),
-            feed: Feed::Remote(tx),
+            feed: Feed::Remote(txs, needed),
         };
-        (Arc::new(hub), rx)
+        (Arc::new(hub), rxs)
     }
 
     /// Subscribes to `channel`. Returns the subscription and whether the server
@@ -96,13 +105,21 @@ impl Hub {
             Feed::Absent => false,
             // A later subscriber to a channel that is already subscribed relies on the
             // first one's confirmation (the pub/sub task answers in order).
-            Feed::Remote(_) if !first => true,
-            Feed::Remote(remote) => {
-                let (ack, done) = oneshot::channel();
-                remote
-                    .send(SubCmd::Subscribe(channel.to_owned(), ack))
-                    .is_ok()
-                    && matches!(tokio::time::timeout(ack_wait, done).await, Ok(Ok(true)))
+            Feed::Remote(..) if !first => true,
+            Feed::Remote(remotes, needed) => {
+                let acks = remotes.iter().filter_map(|remote| {
+                    let (ack, done) = oneshot::channel();
+                    remote
+                        .send(SubCmd::Subscribe(channel.to_owned(), ack))
+                        .ok()
+                        .map(|()| tokio::time::timeout(ack_wait, done))
+                });
+                let confirmed = futures_util::future::join_all(acks).await;
+                confirmed
+                    .into_iter()
+                    .filter(|c| matches!(c, Ok(Ok(true))))
+                    .count()
+                    >= *needed
             }
         };
         (sub, confirmed)
@@ -122,6 +139,15 @@ impl Hub {
         let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         for c in map.values() {
             c.tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Asks the pub/sub connection tasks to connect again.
+    pub(crate) fn reconnect(&self) {
+        if let Feed::Remote(remotes, _) = &self.feed {
+            for remote in remotes {
+                let _ = remote.send(SubCmd::Reconnect);
+            }
         }
     }
 
@@ -151,8 +177,10 @@ impl Hub {
         };
         if last {
             map.remove(channel);
-            if let Feed::Remote(remote) = &self.feed {
-                let _ = remote.send(SubCmd::Unsubscribe(channel.to_owned()));
+            if let Feed::Remote(remotes, _) = &self.feed {
+                for remote in remotes {
+                    let _ = remote.send(SubCmd::Unsubscribe(channel.to_owned()));
+                }
             }
         }
     }

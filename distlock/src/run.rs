@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::guard::{LockGuard, Lost};
+use crate::key::Kind;
 use crate::lock::Lock;
 
 /// What to do when the lock is held by another owner.
@@ -116,6 +117,7 @@ impl Policy {
 #[derive(Debug, Clone)]
 pub struct Current {
     locker_id: u64,
+    kind: Kind,
     key: String,
     fencing_token: u64,
     lost: CancellationToken,
@@ -163,10 +165,10 @@ pub fn current() -> Option<Current> {
     HELD.try_with(|held| held.last().cloned()).ok().flatten()
 }
 
-fn held_here(locker_id: u64, key: &str) -> bool {
+fn held_here(locker_id: u64, kind: Kind, key: &str) -> bool {
     HELD.try_with(|held| {
         held.iter()
-            .any(|c| c.locker_id == locker_id && c.key == key)
+            .any(|c| c.locker_id == locker_id && c.kind == kind && c.key == key)
     })
     .unwrap_or(false)
 }
@@ -213,7 +215,7 @@ impl Lock {
 
     async fn run_with<F: Future>(self, policy: Policy, work: F) -> Result<Option<F::Output>> {
         let locker_id = self.locker().id();
-        if held_here(locker_id, self.key()) {
+        if held_here(locker_id, self.kind(), self.key()) {
             return Ok(Some(work.await));
         }
         let mut lock = self.clone();
@@ -273,6 +275,7 @@ async fn hold<F: Future>(locker_id: u64, guard: &LockGuard, work: F) -> Result<F
     let mut stack = HELD.try_with(Clone::clone).unwrap_or_default();
     stack.push(Current {
         locker_id,
+        kind: state.keys.kind,
         key: state.keys.name.clone(),
         fencing_token: state.fence,
         lost: state.lost_token().clone(),

@@ -14,11 +14,15 @@
 //! (and, for a server, the tail of its log).
 
 pub mod checker;
+mod cluster;
 pub mod process;
 mod proxy;
+mod sentinel;
 mod server;
 
+pub use cluster::RedisCluster;
 pub use proxy::FaultProxy;
+pub use sentinel::{RedisSentinel, MASTER_NAME};
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// The workspace README's examples, compiled as doctests.

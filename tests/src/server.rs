@@ -432,7 +432,7 @@ impl Drop for RedisServer {
 }
 
 /// A port that was free a moment ago (bind to port 0, read it, release it).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

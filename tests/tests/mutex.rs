@@ -10,100 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock::{Error, Locker, LockerBuilder, LostReason, MemoryStore, OnBusy, Policy};
+use distlock::{Error, Locker, LostReason, MemoryStore, OnBusy, Policy};
 use distlock_tests::RedisServer;
 use tokio::time::{timeout, Instant};
 
-/// A backend under test and what an operator can do to it.
-enum Fixture {
-    Redis(RedisServer),
-    Memory(MemoryStore),
-}
+mod common;
+use common::{eventually, Fixture};
 
-impl Fixture {
-    async fn redis() -> Self {
-        Fixture::Redis(RedisServer::start().await)
-    }
-
-    fn memory() -> Self {
-        Fixture::Memory(MemoryStore::new())
-    }
-
-    /// A builder pointed at this backend: one per replica.
-    fn builder(&self) -> LockerBuilder {
-        match self {
-            Fixture::Redis(s) => Locker::builder().url(s.url()),
-            Fixture::Memory(m) => Locker::builder().memory_store(m.clone()),
-        }
-    }
-
-    async fn locker(&self) -> Locker {
-        self.builder().build().await.expect("locker")
-    }
-
-    /// Deletes the lock behind its holder's back, as `redis-cli DEL` would.
-    async fn delete(&self, key: &str) {
-        match self {
-            Fixture::Redis(s) => {
-                assert!(
-                    s.del(&format!("distlock:{{{key}}}")).await,
-                    "key was not there"
-                );
-            }
-            Fixture::Memory(m) => assert!(m.delete(key), "key was not there"),
-        }
-    }
-
-    async fn is_held(&self, key: &str) -> bool {
-        match self {
-            Fixture::Redis(s) => s.exists(&format!("distlock:{{{key}}}")).await,
-            Fixture::Memory(m) => m.contains(key),
-        }
-    }
-}
-
-/// Polls `cond` every millisecond until it holds or `limit` passes; returns the
-/// time it took.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-macro_rules! both {
-    ($($name:ident => $check:ident;)*) => {
-        mod on_redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$check(super::Fixture::redis().await).await;
-                }
-            )*
-        }
-        mod on_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$check(super::Fixture::memory()).await;
-                }
-            )*
-        }
-    };
-}
-
-both! {
+suite! {
     fifty_tasks_on_two_lockers_never_overlap => check_mutual_exclusion;
     renewal_keeps_a_one_second_lock_for_three_seconds => check_renewal;
     lost_fires_when_an_operator_deletes_the_key => check_lost_on_delete;
@@ -646,7 +560,12 @@ async fn lost_fires_before_another_replica_acquires_a_paused_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_increase_across_a_restart_without_persistence() {
     let mut server = RedisServer::start().await;
-    let a = Locker::connect(&server.url()).await.unwrap();
+    let a = Locker::builder()
+        .url(server.url())
+        .expiry(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
     let first = a.lock("fence").acquire().await.unwrap();
     let before = first.fencing_token();
     first.release().await.unwrap();
@@ -655,7 +574,7 @@ async fn fencing_tokens_increase_across_a_restart_without_persistence() {
     let after = loop {
         match a
             .lock("fence")
-            .acquire_timeout(Duration::from_secs(2))
+            .acquire_timeout(Duration::from_secs(5))
             .await
         {
             Ok(g) => break g.fencing_token(),
@@ -664,6 +583,56 @@ async fn fencing_tokens_increase_across_a_restart_without_persistence() {
         }
     };
     assert!(after > before, "{after} after {before}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_restart_nobody_acquires_before_the_old_holder_learns() {
+    let mut server = RedisServer::start().await;
+    let builder = || {
+        Locker::builder()
+            .url(server.url())
+            .expiry(Duration::from_secs(2))
+            .op_timeout(Duration::from_millis(300))
+    };
+    let a = builder().build().await.unwrap();
+    let b = builder().build().await.unwrap();
+    // B has talked to this server before: it knows its run_id.
+    drop(b.lock("warm-up").acquire().await.unwrap());
+    let held = a.lock("restarted").acquire().await.unwrap();
+    let lost = tokio::spawn({
+        let lost = held.lost();
+        async move {
+            lost.await;
+            Instant::now()
+        }
+    });
+    server.kill();
+    server.restart().await;
+    let started = Instant::now();
+    let acquired_at = loop {
+        match b
+            .lock("restarted")
+            .acquire_timeout(Duration::from_secs(6))
+            .await
+        {
+            Ok(_g) => break Instant::now(),
+            Err(e) if e.is_unavailable() => continue,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let lost_at = timeout(Duration::from_secs(1), lost)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        lost_at <= acquired_at,
+        "the old holder learned after the new one acquired"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "quarantine too long: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

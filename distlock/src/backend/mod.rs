@@ -3,8 +3,10 @@
 //! Every operation is one round trip (one script); the enum dispatches without
 //! boxing on the hot path.
 
+mod conn;
 pub(crate) mod memory;
 pub(crate) mod redis;
+pub(crate) mod redlock;
 
 use std::time::Duration;
 
@@ -25,6 +27,8 @@ pub(crate) enum Attempt {
 #[derive(Debug, Clone)]
 pub(crate) struct Renewal {
     pub(crate) key: String,
+    /// The token is a sorted-set member (semaphore, reader), not a string value.
+    pub(crate) shared: bool,
     pub(crate) token: String,
     pub(crate) ttl: Duration,
 }
@@ -33,6 +37,7 @@ pub(crate) struct Renewal {
 #[derive(Debug, Clone)]
 pub(crate) enum Backend {
     Redis(redis::RedisBackend),
+    Redlock(redlock::RedlockBackend),
     Memory(memory::MemoryBackend),
 }
 
@@ -44,10 +49,21 @@ impl Backend {
         keys: &Keys,
         token: &str,
         expiry: Duration,
+        intent: Duration,
     ) -> Result<Attempt> {
         match self {
-            Backend::Redis(b) => b.acquire(keys, token, expiry).await,
-            Backend::Memory(b) => b.acquire(keys, token, expiry),
+            Backend::Redis(b) => b.acquire(keys, token, expiry, intent).await,
+            Backend::Redlock(b) => b.acquire(keys, token, expiry, intent).await,
+            Backend::Memory(b) => b.acquire(keys, token, expiry, intent),
+        }
+    }
+
+    /// How many live holders a shared lock (semaphore) has.
+    pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
+        match self {
+            Backend::Redis(b) => b.count(keys).await,
+            Backend::Redlock(b) => b.count(keys).await,
+            Backend::Memory(b) => Ok(b.count(keys)),
         }
     }
 
@@ -56,6 +72,7 @@ impl Backend {
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
         match self {
             Backend::Redis(b) => b.release(keys, token).await,
+            Backend::Redlock(b) => b.release(keys, token).await,
             Backend::Memory(b) => Ok(b.release(keys, token)),
         }
     }
@@ -64,15 +81,17 @@ impl Backend {
     pub(crate) async fn extend_many(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
         match self {
             Backend::Redis(b) => b.extend_many(batch).await,
+            Backend::Redlock(b) => b.extend_many(batch).await,
             Backend::Memory(b) => Ok(b.extend_many(batch)),
         }
     }
 
-    /// Deletes the lock whoever holds it, publishing a release message.
-    pub(crate) async fn force_unlock(&self, keys: &Keys) -> Result<bool> {
+    /// Deletes these holder keys whoever holds them, publishing a release message.
+    pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
         match self {
-            Backend::Redis(b) => b.force_unlock(keys).await,
-            Backend::Memory(b) => Ok(b.force_unlock(keys)),
+            Backend::Redis(b) => b.force_unlock(holders, channel).await,
+            Backend::Redlock(b) => b.force_unlock(holders, channel).await,
+            Backend::Memory(b) => Ok(b.force_unlock(holders, channel)),
         }
     }
 
@@ -81,6 +100,7 @@ impl Backend {
     pub(crate) async fn subscribe(&self, keys: &Keys, ack_wait: Duration) -> (Subscription, bool) {
         match self {
             Backend::Redis(b) => b.subscribe(&keys.channel, ack_wait).await,
+            Backend::Redlock(b) => b.subscribe(&keys.channel, ack_wait).await,
             Backend::Memory(b) => b.hub().subscribe(&keys.channel, ack_wait).await,
         }
     }
@@ -89,6 +109,7 @@ impl Backend {
     pub(crate) fn shutdown(&self) {
         match self {
             Backend::Redis(b) => b.shutdown(),
+            Backend::Redlock(b) => b.shutdown(),
             Backend::Memory(_) => {}
         }
     }

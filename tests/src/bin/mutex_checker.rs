@@ -13,14 +13,12 @@
 //! ```text
 //! mutex_checker [--duration 60s] [--workers 4] [--tasks 4] [--keys 3]
 //!               [--expiry 1s] [--seed N] [--faults all|none|KIND,...]
-//!               [--no-quarantine] [--sabotage] [--records FILE]
+//!               [--sabotage] [--records FILE]
 //! ```
 //!
 //! - `--faults` picks the kinds of fault: `kill-restart-empty`,
 //!   `pause-beyond-expiry`, `pause-within-slack`, `blackhole`,
 //!   `reset-connections`, `latency-spike` (default: all).
-//! - `--no-quarantine` runs the workers without `restart_quarantine`, to
-//!   show what an empty restart does to an unprotected lock.
 //! - `--sabotage` makes the workers ignore the lost signal (they keep
 //!   working until their planned end): the checker must then fail.
 //! - `--records FILE` writes every section as a JSON line, for a post-mortem.
@@ -54,7 +52,6 @@ struct Options {
     expiry: Duration,
     seed: u64,
     faults: Vec<FaultKind>,
-    quarantine: bool,
     sabotage: bool,
     records: Option<PathBuf>,
 }
@@ -69,7 +66,6 @@ impl Options {
             expiry: Duration::from_secs(1),
             seed: fastrand::u64(..),
             faults: FAULT_KINDS.to_vec(),
-            quarantine: true,
             sabotage: false,
             records: None,
         };
@@ -84,7 +80,6 @@ impl Options {
                 "--seed" => o.seed = number(&value()?)?,
                 "--records" => o.records = Some(value()?.into()),
                 "--faults" => o.faults = fault_kinds(&value()?)?,
-                "--no-quarantine" => o.quarantine = false,
                 "--sabotage" => o.sabotage = true,
                 other => return Err(format!("unknown argument `{other}`")),
             }
@@ -132,7 +127,6 @@ struct WorkerOptions {
     /// `monotonic_ns()` at which to stop acquiring.
     until: u64,
     seed: u64,
-    quarantine: bool,
     sabotage: bool,
 }
 
@@ -204,7 +198,6 @@ struct RunSummary {
     keys: u32,
     expiry_ms: u64,
     duration_ms: u64,
-    quarantine: bool,
     sabotage: bool,
     faults: BTreeMap<FaultKind, u64>,
     faults_total: u64,
@@ -245,7 +238,7 @@ fn main() -> ExitCode {
 
 async fn coordinate(o: Options) -> ExitCode {
     println!(
-        "mutex checker: {} workers x {} tasks on {} keys, expiry {}, {} with {}, seed {}{}{}",
+        "mutex checker: {} workers x {} tasks on {} keys, expiry {}, {} with {}, seed {}{}",
         o.workers,
         o.tasks,
         o.keys,
@@ -258,11 +251,6 @@ async fn coordinate(o: Options) -> ExitCode {
             format!("faults ({})", names.join(", "))
         },
         o.seed,
-        if o.quarantine {
-            ""
-        } else {
-            ", no restart quarantine"
-        },
         if o.sabotage {
             ", SABOTAGE: workers ignore the lost signal"
         } else {
@@ -288,7 +276,6 @@ async fn coordinate(o: Options) -> ExitCode {
             expiry_ms: u64::try_from(o.expiry.as_millis()).unwrap_or(u64::MAX),
             until,
             seed: o.seed.wrapping_add(u64::from(id) * 0x9E37_79B9),
-            quarantine: o.quarantine,
             sabotage: o.sabotage,
         };
         let mut child = Command::new(&exe)
@@ -501,7 +488,6 @@ fn summarize(
         keys: o.keys,
         expiry_ms: u64::try_from(o.expiry.as_millis()).unwrap_or(u64::MAX),
         duration_ms: u64::try_from(o.duration.as_millis()).unwrap_or(u64::MAX),
-        quarantine: o.quarantine,
         sabotage: o.sabotage,
         faults_total: faults.len() as u64,
         faults: by_kind,
@@ -621,16 +607,13 @@ async fn sleep_until_ns(t: u64) {
 
 async fn worker(o: WorkerOptions) -> ExitCode {
     let expiry = Duration::from_millis(o.expiry_ms);
-    let mut builder = Locker::builder()
+    let builder = Locker::builder()
         .url(&o.url)
         .expiry(expiry)
         .op_timeout(expiry / 2)
         .connect_timeout(expiry)
         .retry_backoff(Duration::from_millis(10), Duration::from_millis(200))
         .owner_tag(format!("w{}:", o.id));
-    if o.quarantine {
-        builder = builder.restart_quarantine(expiry);
-    }
     let locker = loop {
         match builder.clone().build().await {
             Ok(l) => break l,
