@@ -322,6 +322,9 @@ pub(crate) struct RedisSettings {
     /// After each acquire and renewal, wait for this many replicas to
     /// acknowledge the write (`WAIT`), for up to this long.
     pub(crate) wait_replicas: Option<(u32, Duration)>,
+    /// The locker's default lease expiry: the shortest restart quarantine, even
+    /// for a locker that had not acquired anything before the restart.
+    pub(crate) lease_expiry: Duration,
 }
 
 struct Shared {
@@ -491,6 +494,7 @@ impl RedisBackend {
         let slots = (0..settings.connections.max(1))
             .map(|_| Mutex::new(None))
             .collect();
+        let least_quarantine = millis(settings.lease_expiry);
         RedisBackend {
             shared: Arc::new(Shared {
                 pool,
@@ -502,7 +506,7 @@ impl RedisBackend {
                 shutdown: CancellationToken::new(),
                 identity: Mutex::default(),
                 watcher: Mutex::new(None),
-                longest_expiry_ms: AtomicU64::new(0),
+                longest_expiry_ms: AtomicU64::new(least_quarantine),
             }),
         }
     }
