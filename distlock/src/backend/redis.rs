@@ -759,7 +759,11 @@ impl RedisBackend {
             // Dropped or failed from here on, the lock is released by `in_doubt`.
             self.wait_for_replicas(conn, "acquire").await?;
         }
-        in_doubt.keys = None;
+        // A reply that cannot be read (a fencing counter beyond u64) may still
+        // have taken the lock: `in_doubt` releases it then.
+        if attempt.is_ok() {
+            in_doubt.keys = None;
+        }
         attempt
     }
 
