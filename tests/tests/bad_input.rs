@@ -25,3 +25,22 @@ async fn a_corrupt_fencing_counter_leaves_no_lock_behind() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+const PASSWORD: &str = "right-password";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_password_and_a_bad_database_are_not_plain_redis_errors() {
+    let server = RedisServer::builder().password(PASSWORD).start().await;
+    let err = Locker::connect(&format!("redis://127.0.0.1:{}", server.port()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Auth { .. }), "{err:?}");
+    let err = Locker::builder()
+        .url(server.url())
+        .db(99_999)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    assert!(err.is_invalid_input());
+}
