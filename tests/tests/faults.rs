@@ -451,6 +451,26 @@ async fn an_exhausted_pool_gives_an_unavailable_error_not_a_hang() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_locker_leaves_the_applications_pool_open() {
+    let server = RedisServer::start().await;
+    let shared = pool(&server.url(), 4);
+    let locker = Locker::from_pool(shared.clone()).await.unwrap();
+    let g = locker.lock("k").acquire().await.unwrap();
+    g.release().await.unwrap();
+    locker.close().await.unwrap();
+    let dropped = Locker::from_pool(shared.clone()).await.unwrap();
+    drop(dropped);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The application's own use of its pool goes on.
+    let mut conn = timeout(Duration::from_secs(2), shared.get())
+        .await
+        .expect("pool hung")
+        .expect("the pool was closed by the locker");
+    let pong: String = redis::cmd("PING").query_async(&mut *conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
 // ----- the pub/sub connection cut -----
 
 /// A locker whose commands go straight to Redis while its pub/sub connection

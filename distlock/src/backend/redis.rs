@@ -325,6 +325,9 @@ pub(crate) struct RedisSettings {
     /// The locker's default lease expiry: the shortest restart quarantine, even
     /// for a locker that had not acquired anything before the restart.
     pub(crate) lease_expiry: Duration,
+    /// False for a pool the application handed in: closing the locker returns
+    /// its connections to that pool and leaves it open.
+    pub(crate) owns_pool: bool,
 }
 
 struct Shared {
@@ -516,7 +519,9 @@ impl RedisBackend {
         for slot in self.shared.slots.iter() {
             drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
         }
-        self.shared.pool.close();
+        if self.shared.settings.owns_pool {
+            self.shared.pool.close();
+        }
     }
 
     /// Checks out one connection (which asks the server for its identity),
