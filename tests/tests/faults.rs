@@ -400,6 +400,49 @@ async fn connection_resets_reconnect_keep_leases_and_leak_no_waiters() {
     assert!(server.keys("distlock:{*}").await.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_opens_one_connection_per_slot_not_one_per_caller() {
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(server.addr()).await;
+    let locker = quick(&proxy.url())
+        .connections(2)
+        .pool_size(16)
+        .build()
+        .await
+        .unwrap();
+    let burst = || {
+        let calls: Vec<_> = (0..64)
+            .map(|i| {
+                let locker = locker.clone();
+                tokio::spawn(async move { locker.force_unlock(&format!("k{i}")).await })
+            })
+            .collect();
+        async move {
+            for c in calls {
+                let _ = c.await.unwrap();
+            }
+        }
+    };
+    burst().await;
+    for _ in 0..3 {
+        proxy.reset_all();
+        eventually(
+            "the resets close every connection",
+            Duration::from_secs(2),
+            || async { proxy.connections() == 0 },
+        )
+        .await;
+        // Every caller finds its slot empty at once.
+        burst().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            proxy.connections() <= 2,
+            "{} connections for 2 slots after a reconnect",
+            proxy.connections()
+        );
+    }
+}
+
 // ----- pool exhausted -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -333,6 +333,9 @@ pub(crate) struct RedisSettings {
 struct Shared {
     pool: AnyPool,
     slots: Box<[Mutex<Option<Checked>>]>,
+    /// One checkout per empty slot at a time: callers that find the slot empty
+    /// wait for it instead of each opening a connection.
+    refills: Box<[tokio::sync::Mutex<()>]>,
     next: AtomicUsize,
     settings: RedisSettings,
     hub: Arc<Hub>,
@@ -497,11 +500,15 @@ impl RedisBackend {
         let slots = (0..settings.connections.max(1))
             .map(|_| Mutex::new(None))
             .collect();
+        let refills = (0..settings.connections.max(1))
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect();
         let least_quarantine = millis(settings.lease_expiry);
         RedisBackend {
             shared: Arc::new(Shared {
                 pool,
                 slots,
+                refills,
                 next: AtomicUsize::new(0),
                 settings,
                 hub,
@@ -559,22 +566,35 @@ impl RedisBackend {
         if s.shutdown.is_cancelled() {
             return Err(Error::Closed);
         }
-        if let Some(c) = s.slots[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            return Ok((i, c.conn()));
+        let filled = || {
+            s.slots[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(Checked::conn)
+        };
+        if let Some(c) = filled() {
+            return Ok((i, c));
         }
-        let obj = tokio::time::timeout(s.settings.connect_timeout, s.pool.get())
+        let no_connection = || Error::Unavailable {
+            context: format!(
+                "no connection within {}",
+                crate::options::fmt(s.settings.connect_timeout)
+            ),
+            source: None,
+        };
+        // After a fault every caller finds the slot empty at once: one checks a
+        // connection out, the others wait for it (within the same bound).
+        let deadline = tokio::time::Instant::now() + s.settings.connect_timeout;
+        let _refill = tokio::time::timeout_at(deadline, s.refills[i].lock())
             .await
-            .map_err(|_| Error::Unavailable {
-                context: format!(
-                    "no connection within {}",
-                    crate::options::fmt(s.settings.connect_timeout)
-                ),
-                source: None,
-            })?
+            .map_err(|_| no_connection())?;
+        if let Some(c) = filled() {
+            return Ok((i, c));
+        }
+        let obj = tokio::time::timeout_at(deadline, s.pool.get())
+            .await
+            .map_err(|_| no_connection())?
             .map_err(pool_error)?;
         let mut conn = obj.conn();
         if !s.pool.is_cluster() {
