@@ -411,6 +411,8 @@ impl LockerBuilder {
             op_timeout: self.op_timeout,
             connect_timeout: self.connect_timeout,
             wait_replicas: self.wait_replicas,
+            lease_expiry: self.opts.expiry,
+            owns_pool: self.pool.is_none(),
         };
         if !self.servers.is_empty() && !self.cluster.is_empty() {
             return Err(Error::config(

@@ -215,16 +215,26 @@ impl Error {
                     detail.unwrap_or_else(|| "the user lacks a command or key permission".into())
                 ),
             },
-            ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-                if err
-                    .code()
-                    .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH") =>
+            // redis-rs reports NOAUTH (no password given) under another kind than
+            // WRONGPASS: match the code whatever the kind.
+            _ if err
+                .code()
+                .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH") =>
             {
                 Error::Auth {
                     message: detail.unwrap_or_else(|| "wrong username or password".into()),
                 }
             }
             ErrorKind::InvalidClientConfig => Error::Config(format!("{context}: {err}")),
+            // SELECT of a database the server does not have, while connecting.
+            ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                if err.to_string().contains("refused to switch database") =>
+            {
+                Error::Config(format!(
+                    "db: {}",
+                    detail.unwrap_or_else(|| "the server has no such database".into())
+                ))
+            }
             _ if err.is_io_error()
                 || err.is_timeout()
                 || err.is_connection_dropped()

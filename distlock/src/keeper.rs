@@ -111,7 +111,7 @@ pub(crate) enum Cmd {
     Forget { id: u64 },
     /// Renew every lease on this lock name now (after a force-unlock).
     Check { name: String },
-    /// Release everything, fire `Closed`, and answer when done.
+    /// Release everything, fire `Closed`, stop the keeper, and answer when done.
     Close { reply: oneshot::Sender<()> },
 }
 
@@ -142,6 +142,9 @@ struct Deferred {
 #[derive(Debug, Default)]
 struct DeferredState {
     cmds: Vec<Cmd>,
+    /// The keeper has stopped: deferred commands are refused (their senders
+    /// release or fail by themselves), so that none is left unserved.
+    closed: bool,
     /// `Some(until)` while the keeper sleeps until `until` (`None`: no timer);
     /// `None` while it is awake, as it takes the deferred commands before sleeping.
     asleep: Option<Option<Instant>>,
@@ -151,6 +154,13 @@ impl Deferred {
     fn take(&self) -> Vec<Cmd> {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         st.asleep = None;
+        std::mem::take(&mut st.cmds)
+    }
+
+    /// Refuses later commands and returns those not yet taken.
+    fn close(&self) -> Vec<Cmd> {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.closed = true;
         std::mem::take(&mut st.cmds)
     }
 
@@ -207,14 +217,14 @@ impl Keeper {
             Cmd::Forget { .. } => None,
             _ => return self.tx.send(cmd).is_ok(),
         };
-        if self.tx.is_closed() {
-            return false;
-        }
         let mut st = self
             .deferred
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if st.closed || self.tx.is_closed() {
+            return false;
+        }
         st.cmds.push(cmd);
         let wake = match st.asleep {
             None => false,
@@ -283,7 +293,8 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, back
         releases: JoinSet::new(),
         closed: false,
     };
-    loop {
+    let mut closers = Vec::new();
+    let closed = loop {
         st.take_deferred(&deferred);
         let next = st.timers.first().map(|(t, _)| *t);
         if !deferred.sleep(next) {
@@ -294,9 +305,12 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, back
                 Some(cmd) => {
                     // Deferred commands were sent before this one.
                     st.take_deferred(&deferred);
-                    st.command(cmd);
+                    match cmd {
+                        Cmd::Close { reply } => break Some(reply),
+                        cmd => st.command(cmd),
+                    }
                 }
-                None => break,
+                None => break None,
             },
             () = deferred.wake.notified() => {}
             () = sleep_until(next) => {
@@ -308,12 +322,28 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, back
             }
             Some(_) = st.releases.join_next(), if !st.releases.is_empty() => {}
         }
-    }
-    // Every Locker handle and guard is gone: release what is left and finish.
+    };
+    // Closed, or every Locker handle and guard is gone: release what is left and
+    // finish. Commands already queued are served as after a close (a lease
+    // registered concurrently is released); later ones find the channel closed
+    // and their senders release or fail by themselves.
     st.take_deferred(&deferred);
     st.close_all();
+    rx.close();
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Cmd::Close { reply } => closers.push(reply),
+            cmd => st.command(cmd),
+        }
+    }
+    for cmd in deferred.close() {
+        st.command(cmd);
+    }
     while st.releases.join_next().await.is_some() {}
     st.backend.shutdown();
+    for reply in closed.into_iter().chain(closers) {
+        let _ = reply.send(());
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -391,14 +421,8 @@ impl State {
                     .collect();
                 self.renew(ids);
             }
-            Cmd::Close { reply } => {
-                self.close_all();
-                let mut releases = std::mem::take(&mut self.releases);
-                tokio::spawn(async move {
-                    while releases.join_next().await.is_some() {}
-                    let _ = reply.send(());
-                });
-            }
+            // Handled by `run`, which stops after it.
+            Cmd::Close { reply } => drop(reply),
         }
     }
 

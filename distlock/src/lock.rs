@@ -114,7 +114,10 @@ impl Lock {
         Ok(result?.ok())
     }
 
-    /// Waits up to `timeout` for the lock. A zero timeout makes exactly one attempt.
+    /// Waits up to `timeout` for the lock. A zero timeout makes exactly one attempt
+    /// and waits for its answer; otherwise the call returns by the deadline, giving
+    /// up on an attempt still in flight then (a lock that attempt may have taken is
+    /// released in the background).
     ///
     /// # Errors
     ///
@@ -154,11 +157,23 @@ impl Lock {
             Ok(keys) => {
                 let closed = self.locker.closed_token();
                 let span = tracing::debug_span!("distlock.acquire", key = %self.key);
+                let wait = self.wait(&keys, started, deadline);
+                let bounded = async {
+                    match deadline {
+                        // The deadline also cuts a request in flight (a slow or
+                        // unreachable server), except the one attempt of a zero
+                        // timeout. `wait` is cancel safe.
+                        Some(d) if d > started => tokio::time::timeout_at(d, wait)
+                            .await
+                            .unwrap_or_else(|_| Err(self.timeout(started))),
+                        _ => wait.await,
+                    }
+                };
                 async {
                     tokio::select! {
-                        biased;
-                        () = closed.cancelled() => Err(Error::Closed),
-                        r = self.wait(&keys, started, deadline) => r,
+                    biased;
+                    () = closed.cancelled() => Err(Error::Closed),
+                        r = bounded => r,
                     }
                 }
                 .instrument(span)
@@ -217,16 +232,6 @@ impl Lock {
                     Err(ttl) => ttl,
                 }
             };
-            if !subscribed {
-                subscribed = true;
-                let (sub, confirmed) = self.locker.backend().subscribe(keys).await;
-                head.sub = Some(sub);
-                if confirmed {
-                    // A release between the failed attempt and the subscription
-                    // would be missed: try again now that messages will arrive.
-                    continue;
-                }
-            }
             let mut sleep = self.opts.backoff(retries);
             if let Some(ttl) = ttl {
                 sleep = sleep.min(ttl + Duration::from_millis(1));
@@ -237,6 +242,20 @@ impl Lock {
                     return Err(self.timeout(started));
                 }
                 sleep = sleep.min(d - now);
+            }
+            if !subscribed {
+                subscribed = true;
+                // Waiting for the confirmation is part of this sleep: a pub/sub
+                // connection that does not answer leaves the waiter on its timer.
+                let asked = Instant::now();
+                let (sub, confirmed) = self.locker.backend().subscribe(keys, sleep).await;
+                head.sub = Some(sub);
+                if confirmed {
+                    // A release between the failed attempt and the subscription
+                    // would be missed: try again now that messages will arrive.
+                    continue;
+                }
+                sleep = sleep.saturating_sub(asked.elapsed());
             }
             retries = retries.saturating_add(1);
             obs::waiting(&self.key, retries, sleep);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -78,8 +79,13 @@ impl Hub {
     }
 
     /// Subscribes to `channel`. Returns the subscription and whether the server
-    /// confirmed it (a waiter that is not confirmed must rely on its timers).
-    pub(crate) async fn subscribe(self: &Arc<Self>, channel: &str) -> (Subscription, bool) {
+    /// confirmed it within `ack_wait` (a waiter that is not confirmed must rely on
+    /// its timers; the subscription may still be confirmed later).
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        channel: &str,
+        ack_wait: Duration,
+    ) -> (Subscription, bool) {
         let (rx, first) = {
             let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
             let entry = map.entry(channel.to_owned()).or_insert_with(|| Channel {
@@ -106,12 +112,12 @@ impl Hub {
                     remote
                         .send(SubCmd::Subscribe(channel.to_owned(), ack))
                         .ok()
-                        .map(|()| done)
+                        .map(|()| tokio::time::timeout(ack_wait, done))
                 });
                 let confirmed = futures_util::future::join_all(acks).await;
                 confirmed
                     .into_iter()
-                    .filter(|c| matches!(c, Ok(true)))
+                    .filter(|c| matches!(c, Ok(Ok(true))))
                     .count()
                     >= *needed
             }
@@ -207,12 +213,13 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    const ACK: Duration = Duration::from_secs(1);
 
     #[tokio::test]
     async fn a_notification_between_waits_is_not_missed() {
         let hub = Hub::local();
-        let (mut sub, ok) = hub.subscribe("c").await;
+        let (mut sub, ok) = hub.subscribe("c", ACK).await;
         assert!(ok);
         hub.notify("c");
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
@@ -223,8 +230,8 @@ mod tests {
     #[tokio::test]
     async fn channels_are_reference_counted() {
         let hub = Hub::local();
-        let (a, _) = hub.subscribe("c").await;
-        let (b, _) = hub.subscribe("c").await;
+        let (a, _) = hub.subscribe("c", ACK).await;
+        let (b, _) = hub.subscribe("c", ACK).await;
         assert_eq!(hub.len(), 1);
         drop(a);
         assert_eq!(hub.len(), 1);

@@ -5,11 +5,17 @@
 //!   and has a few async helpers for assertions (`get`, `pttl`, `keys`, ...).
 //! - [`FaultProxy`] forwards to a server and adds latency, blackholes
 //!   traffic or resets connections on command.
+//! - [`checker`] holds the mutual-exclusion checker's records and analysis
+//!   (the `mutex_checker` binary runs the workers and the faults).
+//! - [`process`] reads a process's memory and counts a runtime's tasks, for
+//!   leak checks (the `soak` binary).
 //!
 //! Every wait in the harness is bounded; setup failures panic with a message
 //! (and, for a server, the tail of its log).
 
+pub mod checker;
 mod cluster;
+pub mod process;
 mod proxy;
 mod sentinel;
 mod server;

@@ -109,12 +109,12 @@ impl Backend {
     }
 
     /// Subscribes to the release channel of `keys`; `false` when the subscription
-    /// is not confirmed (the waiter must rely on timers).
-    pub(crate) async fn subscribe(&self, keys: &Keys) -> (Subscription, bool) {
+    /// is not confirmed within `ack_wait` (the waiter must rely on timers).
+    pub(crate) async fn subscribe(&self, keys: &Keys, ack_wait: Duration) -> (Subscription, bool) {
         match self {
-            Backend::Redis(b) => boxed(b.subscribe(&keys.channel)).await,
-            Backend::Redlock(b) => boxed(b.subscribe(&keys.channel)).await,
-            Backend::Memory(b) => b.hub().subscribe(&keys.channel).await,
+            Backend::Redis(b) => boxed(b.subscribe(&keys.channel, ack_wait)).await,
+            Backend::Redlock(b) => boxed(b.subscribe(&keys.channel, ack_wait)).await,
+            Backend::Memory(b) => b.hub().subscribe(&keys.channel, ack_wait).await,
         }
     }
 

@@ -322,11 +322,20 @@ pub(crate) struct RedisSettings {
     /// After each acquire and renewal, wait for this many replicas to
     /// acknowledge the write (`WAIT`), for up to this long.
     pub(crate) wait_replicas: Option<(u32, Duration)>,
+    /// The locker's default lease expiry: the shortest restart quarantine, even
+    /// for a locker that had not acquired anything before the restart.
+    pub(crate) lease_expiry: Duration,
+    /// False for a pool the application handed in: closing the locker returns
+    /// its connections to that pool and leaves it open.
+    pub(crate) owns_pool: bool,
 }
 
 struct Shared {
     pool: AnyPool,
     slots: Box<[Mutex<Option<Checked>>]>,
+    /// One checkout per empty slot at a time: callers that find the slot empty
+    /// wait for it instead of each opening a connection.
+    refills: Box<[tokio::sync::Mutex<()>]>,
     next: AtomicUsize,
     settings: RedisSettings,
     hub: Arc<Hub>,
@@ -491,10 +500,15 @@ impl RedisBackend {
         let slots = (0..settings.connections.max(1))
             .map(|_| Mutex::new(None))
             .collect();
+        let refills = (0..settings.connections.max(1))
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect();
+        let least_quarantine = millis(settings.lease_expiry);
         RedisBackend {
             shared: Arc::new(Shared {
                 pool,
                 slots,
+                refills,
                 next: AtomicUsize::new(0),
                 settings,
                 hub,
@@ -502,7 +516,7 @@ impl RedisBackend {
                 shutdown: CancellationToken::new(),
                 identity: Mutex::default(),
                 watcher: Mutex::new(None),
-                longest_expiry_ms: AtomicU64::new(0),
+                longest_expiry_ms: AtomicU64::new(least_quarantine),
             }),
         }
     }
@@ -512,7 +526,9 @@ impl RedisBackend {
         for slot in self.shared.slots.iter() {
             drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
         }
-        self.shared.pool.close();
+        if self.shared.settings.owns_pool {
+            self.shared.pool.close();
+        }
     }
 
     /// Checks out one connection (which asks the server for its identity),
@@ -540,27 +556,45 @@ impl RedisBackend {
     /// A connection from the round-robin slots, checking one out of the pool if
     /// the slot is empty.
     async fn conn(&self) -> Result<(usize, Conn)> {
+        let i = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len();
+        self.conn_at(i).await
+    }
+
+    /// The connection in slot `i`, checking one out of the pool if it is empty.
+    async fn conn_at(&self, i: usize) -> Result<(usize, Conn)> {
         let s = &self.shared;
         if s.shutdown.is_cancelled() {
             return Err(Error::Closed);
         }
-        let i = s.next.fetch_add(1, Ordering::Relaxed) % s.slots.len();
-        if let Some(c) = s.slots[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            return Ok((i, c.conn()));
+        let filled = || {
+            s.slots[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(Checked::conn)
+        };
+        if let Some(c) = filled() {
+            return Ok((i, c));
         }
-        let obj = tokio::time::timeout(s.settings.connect_timeout, s.pool.get())
+        let no_connection = || Error::Unavailable {
+            context: format!(
+                "no connection within {}",
+                crate::options::fmt(s.settings.connect_timeout)
+            ),
+            source: None,
+        };
+        // After a fault every caller finds the slot empty at once: one checks a
+        // connection out, the others wait for it (within the same bound).
+        let deadline = tokio::time::Instant::now() + s.settings.connect_timeout;
+        let _refill = tokio::time::timeout_at(deadline, s.refills[i].lock())
             .await
-            .map_err(|_| Error::Unavailable {
-                context: format!(
-                    "no connection within {}",
-                    crate::options::fmt(s.settings.connect_timeout)
-                ),
-                source: None,
-            })?
+            .map_err(|_| no_connection())?;
+        if let Some(c) = filled() {
+            return Ok((i, c));
+        }
+        let obj = tokio::time::timeout_at(deadline, s.pool.get())
+            .await
+            .map_err(|_| no_connection())?
             .map_err(pool_error)?;
         let mut conn = obj.conn();
         if !s.pool.is_cluster() {
@@ -669,9 +703,15 @@ impl RedisBackend {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let mut tries = 0;
+        let mut retry_slot = None;
         loop {
             tries += 1;
-            let (i, conn) = self.conn().await?;
+            let (i, conn) = match retry_slot {
+                // The slot was emptied: this checks out a fresh connection. Another
+                // slot's connection may be just as stale (after a server restart).
+                Some(i) => self.conn_at(i).await?,
+                None => self.conn().await?,
+            };
             match tokio::time::timeout(self.shared.settings.op_timeout, f(conn)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => {
@@ -679,6 +719,7 @@ impl RedisBackend {
                     if !retryable(&e) || tries >= 2 {
                         return Err(Error::from_redis(what, e));
                     }
+                    retry_slot = Some(i);
                 }
                 Err(_) => {
                     self.invalidate(i);
@@ -704,9 +745,14 @@ impl RedisBackend {
             conn: None,
         };
         let mut tries = 0;
+        let mut retry_slot = None;
         let reply: Vec<Value> = loop {
             tries += 1;
-            let (i, conn) = self.conn().await?;
+            let (i, conn) = match retry_slot {
+                // A fresh connection in the slot just emptied (see `call`).
+                Some(i) => self.conn_at(i).await?,
+                None => self.conn().await?,
+            };
             if let Some(wait) = self.quarantine() {
                 in_doubt.keys = None;
                 return Ok(Attempt::Held { ttl: Some(wait) });
@@ -725,6 +771,7 @@ impl RedisBackend {
                     if !retryable(&e) || tries >= 2 {
                         return Err(Error::from_redis("acquire", e));
                     }
+                    retry_slot = Some(i);
                 }
                 Err(_) => {
                     self.invalidate(i);
@@ -737,7 +784,11 @@ impl RedisBackend {
             // Dropped or failed from here on, the lock is released by `in_doubt`.
             self.wait_for_replicas(conn, "acquire").await?;
         }
-        in_doubt.keys = None;
+        // A reply that cannot be read (a fencing counter beyond u64) may still
+        // have taken the lock: `in_doubt` releases it then.
+        if attempt.is_ok() {
+            in_doubt.keys = None;
+        }
         attempt
     }
 
@@ -867,9 +918,13 @@ impl RedisBackend {
         .map(drop)
     }
 
-    pub(crate) async fn subscribe(&self, channel: &str) -> (Subscription, bool) {
+    pub(crate) async fn subscribe(
+        &self,
+        channel: &str,
+        ack_wait: Duration,
+    ) -> (Subscription, bool) {
         self.start_pubsub();
-        self.shared.hub.subscribe(channel).await
+        self.shared.hub.subscribe(channel, ack_wait).await
     }
 
     /// Starts the pub/sub connection task, once, if this backend has one.

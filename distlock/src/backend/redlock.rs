@@ -29,11 +29,15 @@ impl RedlockBackend {
         }
     }
 
-    pub(crate) async fn subscribe(&self, channel: &str) -> (Subscription, bool) {
+    pub(crate) async fn subscribe(
+        &self,
+        channel: &str,
+        ack_wait: Duration,
+    ) -> (Subscription, bool) {
         for s in self.servers() {
             s.start_pubsub();
         }
-        self.hub.subscribe(channel).await
+        self.hub.subscribe(channel, ack_wait).await
     }
 
     /// How many servers make a majority.

@@ -1,0 +1,362 @@
+//! Property tests (proptest) of everything that parses or validates input:
+//! lock keys, key prefixes and owner tags, durations (expiry, renewal
+//! cadence, drift), connection URLs, and detached leases through serde.
+//!
+//! Each property states the rule the README documents, independently of the
+//! implementation, and checks the public API against it on generated input:
+//! no panic, the right error variant, and round trips that give back what
+//! went in. Properties that need a server share one `redis-server`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use distlock::{Error, Lease, Locker, MemoryStore, MAX_KEY_LEN};
+use distlock_tests::RedisServer;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+});
+
+/// The documented key rule: 1 to 1024 bytes, no `{`, `}` or control character.
+fn key_is_valid(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= MAX_KEY_LEN
+        && !k.contains(['{', '}'])
+        && !k.chars().any(char::is_control)
+}
+
+/// Keys that hit the interesting classes often: short, braces, controls,
+/// multi-byte characters, around the length limit.
+fn keys() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "\\PC{0,40}",
+        2 => "[a-z:{}\\x00-\\x1f\\x7f\u{85}é🔒 ]{0,20}",
+        1 => (1000usize..1030).prop_map(|n| "k".repeat(n)),
+        1 => (500usize..520).prop_map(|n| "é".repeat(n)),
+        1 => any::<String>(),
+    ]
+}
+
+/// The result of one `try_acquire` on a fresh in-memory locker.
+fn try_memory(key: &str) -> Result<bool, Error> {
+    RT.block_on(async {
+        let locker = Locker::memory();
+        match locker.lock(key).try_acquire().await? {
+            Some(g) => {
+                g.release().await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(Config::with_cases(256))]
+
+    #[test]
+    fn keys_are_accepted_exactly_when_the_documented_rule_says(key in keys()) {
+        match try_memory(&key) {
+            Ok(acquired) => {
+                prop_assert!(key_is_valid(&key), "accepted {key:?}");
+                prop_assert!(acquired);
+            }
+            Err(Error::InvalidKey { key: shown, .. }) => {
+                prop_assert!(!key_is_valid(&key), "rejected {key:?}");
+                // Long keys are shortened in messages.
+                prop_assert!(shown.len() <= 64 + 32, "{} bytes shown", shown.len());
+            }
+            Err(e) => prop_assert!(false, "{key:?}: unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_key_round_trips_through_the_store_and_a_serialized_lease(
+        key in keys().prop_filter("valid keys", |k| key_is_valid(k)),
+        expiry_ms in 100u64..=86_400_000,
+    ) {
+        RT.block_on(async {
+            let store = MemoryStore::new();
+            let locker = Locker::builder().memory_store(store.clone()).build().await.unwrap();
+            let expiry = Duration::from_millis(expiry_ms);
+            let guard = locker.lock(key.as_str()).expiry(expiry).acquire().await.unwrap();
+            prop_assert!(store.contains(&key));
+            prop_assert_eq!(guard.key(), key.as_str());
+            let lease = guard.detach();
+            let json = serde_json::to_string(&lease).unwrap();
+            let back: Lease = serde_json::from_str(&json).unwrap();
+            prop_assert_eq!(&back, &lease);
+            prop_assert_eq!(back.key(), key.as_str());
+            prop_assert_eq!(back.expiry(), expiry);
+            prop_assert_eq!(serde_json::to_string(&back).unwrap(), json);
+            locker.release_lease(&back).await.unwrap();
+            prop_assert!(!store.contains(&key));
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn expiry_is_accepted_exactly_between_100ms_and_24h(
+        expiry in prop_oneof![
+            (0u64..200_000).prop_map(Duration::from_micros),
+            (0u64..100_000_000).prop_map(Duration::from_millis),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+        ],
+    ) {
+        let valid = expiry >= Duration::from_millis(100) && expiry <= Duration::from_secs(86_400);
+        let result = RT.block_on(async {
+            let locker = Locker::memory();
+            locker.lock("k").expiry(expiry).try_acquire().await.map(|g| g.is_some())
+        });
+        match result {
+            Ok(acquired) => prop_assert!(valid && acquired, "{expiry:?} accepted"),
+            Err(Error::Config(_)) => prop_assert!(!valid, "{expiry:?} rejected"),
+            Err(e) => prop_assert!(false, "{expiry:?}: unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn the_renewal_cadence_must_be_positive_and_shorter_than_expiry_less_drift(
+        expiry_ms in 100u64..20_000,
+        renew_ms in 0u64..25_000,
+        factor in prop_oneof![0.0f64..0.6, Just(f64::NAN), Just(f64::INFINITY), Just(-0.1)],
+        floor_ms in 0u64..5_000,
+    ) {
+        let expiry = Duration::from_millis(expiry_ms);
+        let renew = Duration::from_millis(renew_ms);
+        let floor = Duration::from_millis(floor_ms);
+        // README: drift = expiry * factor + floor, factor in [0, 0.5), drift below
+        // half the expiry; renew_every below expiry - drift and above zero.
+        let factor_ok = (0.0..0.5).contains(&factor);
+        let valid = factor_ok && {
+            let drift = expiry.mul_f64(factor) + floor;
+            drift < expiry / 2 && !renew.is_zero() && renew < expiry - drift
+        };
+        let result = RT.block_on(
+            Locker::builder()
+                .memory()
+                .expiry(expiry)
+                .renew_every(renew)
+                .drift(factor, floor)
+                .build(),
+        );
+        match result {
+            Ok(_) => prop_assert!(valid, "accepted"),
+            Err(Error::Config(_)) => prop_assert!(!valid, "rejected"),
+            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn key_prefixes_and_owner_tags_are_checked(
+        prefix in "[a-z:{}\\x00-\\x1f]{0,10}|[a-z]{250,260}",
+        tag in "[a-z:\\x00-\\x1f]{0,10}|[a-z]{60,70}",
+    ) {
+        let prefix_ok = prefix.len() <= 256
+            && !prefix.contains(['{', '}'])
+            && !prefix.chars().any(char::is_control);
+        let tag_ok = tag.len() <= 64 && !tag.chars().any(char::is_control);
+        let result = RT.block_on(
+            Locker::builder()
+                .memory()
+                .key_prefix(prefix.as_str())
+                .owner_tag(tag.as_str())
+                .build(),
+        );
+        match result {
+            Ok(l) => {
+                prop_assert!(prefix_ok && tag_ok);
+                prop_assert_eq!(l.key_prefix(), prefix.as_str());
+            }
+            Err(Error::Config(_)) => prop_assert!(!(prefix_ok && tag_ok)),
+            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn serialized_leases_never_panic_on_arbitrary_json(
+        json in prop_oneof![
+            any::<String>(),
+            ("\\PC{0,12}", "[a-z]{0,12}", any::<i64>(), "[0-9a-z ]{0,12}").prop_map(|(k, kind, f, e)| {
+                format!(r#"{{"key":{k:?},"kind":{kind:?},"token":"t","fencing_token":{f},"expiry":{e:?}}}"#)
+            }),
+        ],
+    ) {
+        // Either an error or a lease that serializes back to a readable lease.
+        if let Ok(lease) = serde_json::from_str::<Lease>(&json) {
+            let again = serde_json::to_string(&lease).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Lease>(&again).unwrap(), lease);
+        }
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A pool on the test server: with it, `build()` only parses the URL (for the
+/// pub/sub client, which connects lazily) and never connects to what it names.
+fn local_pool(server: &RedisServer) -> deadpool_redis::Pool {
+    deadpool_redis::Config::from_url(server.url())
+        .builder()
+        .unwrap()
+        .max_size(2)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn arbitrary_urls_parse_or_fail_with_a_config_error_without_leaking_passwords() {
+    let server = RT.block_on(RedisServer::start());
+    let pool = local_pool(&server);
+    let urls = prop_oneof![
+        any::<String>(),
+        // Structured: a scheme, credentials with a recognisable password, a
+        // loopback or bogus host part, a port and a path, each possibly broken.
+        (
+            prop_oneof![
+                Just("redis"),
+                Just("rediss"),
+                Just("unix"),
+                Just("http"),
+                Just("redis+sentinel"),
+                Just("")
+            ],
+            "[a-z]{0,6}",
+            "[A-Za-z0-9]{6}",
+            prop_oneof![
+                Just("127.0.0.1"),
+                Just("[::1]"),
+                Just("localhost"),
+                Just("")
+            ],
+            prop_oneof![
+                (0u32..70_000).prop_map(|p| p.to_string()),
+                "[a-z]{1,4}".prop_map(String::from)
+            ],
+            "(/[0-9a-z]{0,3})?",
+        )
+            .prop_map(|(scheme, user, pw, host, port, path)| {
+                format!("{scheme}://{user}:SECRET{pw}@{host}:{port}{path}")
+            }),
+    ];
+    let mut runner = TestRunner::new(Config::with_cases(256));
+    runner
+        .run(&urls, |url| {
+            let result = RT.block_on(async {
+                let built = Locker::builder()
+                    .pool(pool.clone())
+                    .url(url.as_str())
+                    .build()
+                    .await;
+                if let Ok(l) = &built {
+                    l.close().await.unwrap();
+                }
+                built.map(drop)
+            });
+            match result {
+                Ok(()) => {}
+                Err(Error::Config(message)) => {
+                    if let Some(at) = url.find("SECRET") {
+                        let secret = &url[at..at + 12];
+                        prop_assert!(!message.contains(secret), "{message}");
+                    }
+                }
+                Err(e) => prop_assert!(false, "{url:?}: unexpected {e:?}"),
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn any_password_and_database_in_a_url_reach_the_server() {
+    let server = RT.block_on(RedisServer::start());
+    let mut runner = TestRunner::new(Config::with_cases(48));
+    let cases = ("\\PC{1,24}", 0i64..16, "[a-z0-9:]{1,16}");
+    runner
+        .run(&cases, |(password, db, key)| {
+            RT.block_on(async {
+                let mut admin = server.conn().await;
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("requirepass")
+                    .arg(&password)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                let url = format!(
+                    "redis://:{}@127.0.0.1:{}/{db}",
+                    encode(&password),
+                    server.port()
+                );
+                let by_url = Locker::connect(&url).await;
+                let by_setter = Locker::builder()
+                    .url(format!("redis://127.0.0.1:{}", server.port()))
+                    .password(password.as_str())
+                    .db(db)
+                    .build()
+                    .await;
+                // Back to no password before asserting, so the next case (and
+                // the harness) can connect.
+                let _: () = redis::cmd("AUTH")
+                    .arg(&password)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                for locker in [by_url, by_setter] {
+                    let locker = locker.unwrap();
+                    let g = locker
+                        .lock(key.as_str())
+                        .try_acquire()
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let exists: i64 = redis::pipe()
+                        .cmd("SELECT")
+                        .arg(db)
+                        .ignore()
+                        .cmd("EXISTS")
+                        .arg(format!("distlock:{{{key}}}"))
+                        .query_async::<(i64,)>(&mut admin)
+                        .await
+                        .unwrap()
+                        .0;
+                    prop_assert_eq!(exists, 1, "the lock is not in db {}", db);
+                    let _: () = redis::cmd("SELECT")
+                        .arg(0)
+                        .query_async(&mut admin)
+                        .await
+                        .unwrap();
+                    g.release().await.unwrap();
+                    locker.close().await.unwrap();
+                }
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("requirepass")
+                    .arg("")
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                Ok(())
+            })
+        })
+        .unwrap();
+}
