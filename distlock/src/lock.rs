@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::backend::Attempt;
 use crate::error::{Error, Result};
@@ -156,7 +155,6 @@ impl Lock {
         let result = match self.prepare() {
             Ok(keys) => {
                 let closed = self.locker.closed_token();
-                let span = tracing::debug_span!("distlock.acquire", key = %self.key);
                 let wait = self.wait(&keys, started, deadline);
                 let bounded = async {
                     match deadline {
@@ -169,15 +167,13 @@ impl Lock {
                         _ => wait.await,
                     }
                 };
-                async {
-                    tokio::select! {
+                // No span here: the benchmark's P7 (100,000 concurrent
+                // acquisitions) fell behind on renewals with one (BENCHMARKS.md).
+                tokio::select! {
                     biased;
                     () = closed.cancelled() => Err(Error::Closed),
-                        r = bounded => r,
-                    }
+                    r = bounded => r,
                 }
-                .instrument(span)
-                .await
             }
             Err(e) => Err(e),
         };
