@@ -456,6 +456,25 @@ impl LockerBuilder {
         Ok(self.finish(Backend::Redis(backend), description))
     }
 
+    /// The pool settings every topology shares: size, runtime, timeouts.
+    fn configure_pool<M, W>(
+        &self,
+        builder: deadpool::managed::PoolBuilder<M, W>,
+    ) -> Result<deadpool::managed::Pool<M, W>>
+    where
+        M: deadpool::managed::Manager,
+        W: From<deadpool::managed::Object<M>>,
+    {
+        builder
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.op_timeout))
+            .build()
+            .map_err(|e| Error::config(format!("connection pool: {e}")))
+    }
+
     /// A pool (and a client for pub/sub) for one server.
     fn pool_for(&self, info: ConnectionInfo) -> Result<(Pool, redis::Client)> {
         let config = AsyncConnectionConfig::new()
@@ -463,14 +482,7 @@ impl LockerBuilder {
             .set_response_timeout(Some(self.op_timeout));
         let manager = Manager::new_with_config(info.clone(), config)
             .map_err(|e| Error::from_redis("client", e))?;
-        let pool = Pool::builder(manager)
-            .max_size(self.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(self.connect_timeout))
-            .create_timeout(Some(self.connect_timeout))
-            .recycle_timeout(Some(self.op_timeout))
-            .build()
-            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let pool = self.configure_pool(Pool::builder(manager))?;
         let client = redis::Client::open(info).map_err(|e| Error::from_redis("client", e))?;
         Ok((pool, client))
     }
@@ -511,14 +523,7 @@ impl LockerBuilder {
             deadpool_redis::sentinel::SentinelServerType::Master,
         )
         .map_err(|e| Error::from_redis("sentinel client", e))?;
-        let pool = deadpool_redis::sentinel::Pool::builder(manager)
-            .max_size(self.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(self.connect_timeout))
-            .create_timeout(Some(self.connect_timeout))
-            .recycle_timeout(Some(self.op_timeout))
-            .build()
-            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let pool = self.configure_pool(deadpool_redis::sentinel::Pool::builder(manager))?;
         let client = || {
             redis::sentinel::SentinelClient::build(
                 sentinels.clone(),
@@ -554,14 +559,7 @@ impl LockerBuilder {
             .collect::<Result<Vec<_>>>()?;
         let manager = deadpool_redis::cluster::Manager::new(infos.clone(), false)
             .map_err(|e| Error::from_redis("cluster client", e))?;
-        let pool = deadpool_redis::cluster::Pool::builder(manager)
-            .max_size(self.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(self.connect_timeout))
-            .create_timeout(Some(self.connect_timeout))
-            .recycle_timeout(Some(self.op_timeout))
-            .build()
-            .map_err(|e| Error::config(format!("connection pool: {e}")))?;
+        let pool = self.configure_pool(deadpool_redis::cluster::Pool::builder(manager))?;
         let nodes = infos
             .into_iter()
             .map(|i| redis::Client::open(i).map_err(|e| Error::from_redis("client", e)))

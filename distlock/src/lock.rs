@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::Attempt;
 use crate::error::{Error, Result};
@@ -155,23 +156,28 @@ impl Lock {
         let result = match self.prepare() {
             Ok(keys) => {
                 let closed = self.locker.closed_token();
-                let wait = self.wait(&keys, started, deadline);
-                let bounded = async {
-                    match deadline {
-                        // The deadline also cuts a request in flight (a slow or
-                        // unreachable server), except the one attempt of a zero
-                        // timeout. `wait` is cancel safe.
-                        Some(d) if d > started => tokio::time::timeout_at(d, wait)
-                            .await
-                            .unwrap_or_else(|_| Err(self.timeout(started))),
-                        _ => wait.await,
+                let span = tracing::debug_span!("distlock.acquire", key = %self.key);
+                async {
+                    let wait = self.wait(&keys, started, deadline);
+                    let bounded = async {
+                        match deadline {
+                            // The deadline also cuts a request in flight (a slow or
+                            // unreachable server), except the one attempt of a zero
+                            // timeout. `wait` is cancel safe.
+                            Some(d) if d > started => tokio::time::timeout_at(d, wait)
+                                .await
+                                .unwrap_or_else(|_| Err(self.timeout(started))),
+                            _ => wait.await,
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        () = closed.cancelled() => Err(Error::Closed),
+                        r = bounded => r,
                     }
-                };
-                tokio::select! {
-                    biased;
-                    () = closed.cancelled() => Err(Error::Closed),
-                    r = bounded => r,
                 }
+                .instrument(span)
+                .await
             }
             Err(e) => Err(e),
         };

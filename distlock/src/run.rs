@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::guard::{LockGuard, Lost};
@@ -210,7 +211,8 @@ impl Lock {
     ) -> impl Future<Output = Result<Option<F::Output>>> + use<F> {
         // The future owns what it needs (a clone of this cheap handle and of the
         // policy): it borrows neither, and is `'static` when `work` is.
-        self.clone().run_with(policy.clone(), work)
+        let span = tracing::debug_span!("distlock.run", key = %self.key());
+        self.clone().run_with(policy.clone(), work).instrument(span)
     }
 
     async fn run_with<F: Future>(self, policy: Policy, work: F) -> Result<Option<F::Output>> {

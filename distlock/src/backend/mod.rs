@@ -8,11 +8,24 @@ pub(crate) mod memory;
 pub(crate) mod redis;
 pub(crate) mod redlock;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::error::Result;
 use crate::key::Keys;
 use crate::notify::Subscription;
+
+/// Erases a backend future's type: redis-rs's futures (and Redlock's fan-out
+/// over them) would otherwise nest deep inside every caller's future type, past
+/// rustc's query depth limit in users' crates that wrap a lock in a few async
+/// layers of their own. One small allocation per operation, next to a network
+/// round trip.
+fn boxed<'a, T>(
+    fut: impl Future<Output = T> + Send + 'a,
+) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
+    Box::pin(fut)
+}
 
 /// The outcome of one acquire attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +65,8 @@ impl Backend {
         intent: Duration,
     ) -> Result<Attempt> {
         match self {
-            Backend::Redis(b) => b.acquire(keys, token, expiry, intent).await,
-            Backend::Redlock(b) => b.acquire(keys, token, expiry, intent).await,
+            Backend::Redis(b) => boxed(b.acquire(keys, token, expiry, intent)).await,
+            Backend::Redlock(b) => boxed(b.acquire(keys, token, expiry, intent)).await,
             Backend::Memory(b) => b.acquire(keys, token, expiry, intent),
         }
     }
@@ -61,8 +74,8 @@ impl Backend {
     /// How many live holders a shared lock (semaphore) has.
     pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
         match self {
-            Backend::Redis(b) => b.count(keys).await,
-            Backend::Redlock(b) => b.count(keys).await,
+            Backend::Redis(b) => boxed(b.count(keys)).await,
+            Backend::Redlock(b) => boxed(b.count(keys)).await,
             Backend::Memory(b) => Ok(b.count(keys)),
         }
     }
@@ -71,8 +84,8 @@ impl Backend {
     /// not ours (any more).
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
         match self {
-            Backend::Redis(b) => b.release(keys, token).await,
-            Backend::Redlock(b) => b.release(keys, token).await,
+            Backend::Redis(b) => boxed(b.release(keys, token)).await,
+            Backend::Redlock(b) => boxed(b.release(keys, token)).await,
             Backend::Memory(b) => Ok(b.release(keys, token)),
         }
     }
@@ -80,8 +93,8 @@ impl Backend {
     /// Compare-and-pexpire for a batch of leases; one `bool` per lease, in order.
     pub(crate) async fn extend_many(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
         match self {
-            Backend::Redis(b) => b.extend_many(batch).await,
-            Backend::Redlock(b) => b.extend_many(batch).await,
+            Backend::Redis(b) => boxed(b.extend_many(batch)).await,
+            Backend::Redlock(b) => boxed(b.extend_many(batch)).await,
             Backend::Memory(b) => Ok(b.extend_many(batch)),
         }
     }
@@ -89,8 +102,8 @@ impl Backend {
     /// Deletes these holder keys whoever holds them, publishing a release message.
     pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
         match self {
-            Backend::Redis(b) => b.force_unlock(holders, channel).await,
-            Backend::Redlock(b) => b.force_unlock(holders, channel).await,
+            Backend::Redis(b) => boxed(b.force_unlock(holders, channel)).await,
+            Backend::Redlock(b) => boxed(b.force_unlock(holders, channel)).await,
             Backend::Memory(b) => Ok(b.force_unlock(holders, channel)),
         }
     }
@@ -99,8 +112,8 @@ impl Backend {
     /// is not confirmed within `ack_wait` (the waiter must rely on timers).
     pub(crate) async fn subscribe(&self, keys: &Keys, ack_wait: Duration) -> (Subscription, bool) {
         match self {
-            Backend::Redis(b) => b.subscribe(&keys.channel, ack_wait).await,
-            Backend::Redlock(b) => b.subscribe(&keys.channel, ack_wait).await,
+            Backend::Redis(b) => boxed(b.subscribe(&keys.channel, ack_wait)).await,
+            Backend::Redlock(b) => boxed(b.subscribe(&keys.channel, ack_wait)).await,
             Backend::Memory(b) => b.hub().subscribe(&keys.channel, ack_wait).await,
         }
     }

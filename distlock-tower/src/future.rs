@@ -1,0 +1,142 @@
+//! Response futures of [`LockService`](crate::LockService).
+//!
+//! A request that is not locked (its key extractor returned `None`) is served by
+//! the inner future as it is. A locked request is served by a boxed future that
+//! runs [`distlock::Lock::run`], the one runner the crate shares with
+//! `#[distributed_lock]`: its future cannot be named, hence the box, and hence
+//! the `Send` bounds on the inner service, its future and the request.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+
+use crate::BoxError;
+
+/// A boxed, `Send` future.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+pin_project! {
+    /// Response future of [`LockService`](crate::LockService) with
+    /// [`AsError`](crate::AsError): lock failures are
+    /// [`distlock::Error`]s inside the [`BoxError`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<F, T> {
+        #[pin]
+        kind: Kind<F, T, BoxError>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, T, E> {
+        Passthrough {
+            #[pin]
+            future: F,
+        },
+        Locked {
+            future: BoxFuture<Result<T, E>>,
+        },
+    }
+}
+
+impl<F, T> ResponseFuture<F, T> {
+    pub(crate) fn passthrough(future: F) -> Self {
+        ResponseFuture {
+            kind: Kind::Passthrough { future },
+        }
+    }
+
+    pub(crate) fn locked(future: BoxFuture<Result<T, BoxError>>) -> Self {
+        ResponseFuture {
+            kind: Kind::Locked { future },
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F, T>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => future.poll(cx).map_err(Into::into),
+            KindProj::Locked { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, T> fmt::Debug for ResponseFuture<F, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("locked", &matches!(self.kind, Kind::Locked { .. }))
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http::HttpResponseFuture;
+
+#[cfg(feature = "http")]
+mod http {
+    use std::task::ready;
+
+    use super::*;
+    use crate::body::LockBody;
+    use ::http::Response;
+
+    pin_project! {
+        /// Response future of [`LockService`](crate::LockService) with
+        /// [`AsResponse`](crate::http::AsResponse): lock failures are error
+        /// responses, and the inner service's error `E` passes through.
+        #[must_use = "futures do nothing unless polled"]
+        pub struct HttpResponseFuture<F, B, E> {
+            #[pin]
+            kind: Kind<F, Response<LockBody<B>>, E>,
+        }
+    }
+
+    impl<F, B, E> HttpResponseFuture<F, B, E> {
+        pub(crate) fn passthrough(future: F) -> Self {
+            HttpResponseFuture {
+                kind: Kind::Passthrough { future },
+            }
+        }
+
+        pub(crate) fn locked(future: BoxFuture<Result<Response<LockBody<B>>, E>>) -> Self {
+            HttpResponseFuture {
+                kind: Kind::Locked { future },
+            }
+        }
+    }
+
+    impl<F, B, E> Future for HttpResponseFuture<F, B, E>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+    {
+        type Output = Result<Response<LockBody<B>>, E>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.project().kind.project() {
+                KindProj::Passthrough { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    Poll::Ready(Ok(response.map(LockBody::new)))
+                }
+                KindProj::Locked { future } => future.as_mut().poll(cx),
+            }
+        }
+    }
+
+    impl<F, B, E> fmt::Debug for HttpResponseFuture<F, B, E> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("HttpResponseFuture")
+                .field("locked", &matches!(self.kind, Kind::Locked { .. }))
+                .finish_non_exhaustive()
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Which lock a request takes: the [`MakeKey`] trait and ready-made extractors.
+//!
+//! A key extractor looks at a request and returns the name of the lock to hold
+//! while the request is handled, or `None` to let the request through without
+//! locking. Requests that get the same key run one at a time, across every
+//! process that shares the Redis; requests with different keys run in parallel.
+//!
+//! Any `Fn(&Request) -> Option<String>` is a key extractor. For HTTP requests
+//! (feature `http`) this module also has:
+//!
+//! | extractor | key |
+//! |---|---|
+//! | [`header(name)`](header) | the value of a request header |
+//! | [`path_segment(i)`](path_segment) | the `i`th segment of the URI path (`/accounts/42/withdraw`: 0 is `accounts`, 1 is `42`) |
+//! | [`path(f)`](path) | any function of the URI path |
+//!
+//! Each can put a [`prefix`](Header::prefix) in front of the key, so that two
+//! routes, or two applications sharing one Redis, do not share locks by accident.
+//!
+//! Keys must be valid `distlock` keys: 1 to 1024 bytes, without `{`, `}` or
+//! control characters. A request whose key is invalid is refused with
+//! [`distlock::Error::InvalidKey`] (400 Bad Request with [`LockLayer::http`]).
+//!
+//! [`LockLayer::http`]: crate::LockLayer::http
+//!
+//! # A request without a key is not locked
+//!
+//! `None` means "no lock needed". With [`header`], a client that leaves the
+//! header out is therefore not serialized with anyone: take the key from
+//! something the client cannot leave out (the path the route matched), or reject
+//! requests without the header before they reach the layer.
+
+/// Computes the lock key of a request; `None` lets the request through unlocked.
+///
+/// Implemented for every `Fn(&Request) -> Option<String>`, and by the extractors of
+/// this module. Annotate the closure's argument, since the layer is generic over
+/// the request type:
+///
+/// ```
+/// use distlock_tower::LockLayer;
+///
+/// struct Job {
+///     tenant: Option<String>,
+/// }
+///
+/// let locker = distlock::Locker::memory();
+/// let layer = LockLayer::new(locker, |job: &Job| {
+///     job.tenant.as_ref().map(|t| format!("tenant:{t}"))
+/// });
+/// # let _ = layer;
+/// ```
+pub trait MakeKey<Request> {
+    /// The key for `request`, or `None` to skip locking.
+    fn make_key(&self, request: &Request) -> Option<String>;
+}
+
+impl<F, Request> MakeKey<Request> for F
+where
+    F: Fn(&Request) -> Option<String>,
+{
+    fn make_key(&self, request: &Request) -> Option<String> {
+        self(request)
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http::{header, path, path_segment, Header, Path, PathSegment};
+
+#[cfg(feature = "http")]
+mod http {
+    use std::fmt;
+
+    use ::http::header::HeaderName;
+    use ::http::Request;
+
+    use super::MakeKey;
+
+    /// Keys requests by the value of the header `name`; see [`Header`].
+    ///
+    /// A request without the header is not locked. A value that is not UTF-8 is
+    /// converted lossily (so two such values may share a key: they are then
+    /// serialized together, never less).
+    ///
+    /// ```
+    /// use distlock_tower::{key, LockLayer};
+    /// use http::HeaderName;
+    ///
+    /// const ACCOUNT: HeaderName = HeaderName::from_static("x-account-id");
+    ///
+    /// let locker = distlock::Locker::memory();
+    /// let layer = LockLayer::new(locker, key::header(ACCOUNT).prefix("account:"));
+    /// # let _ = layer;
+    /// ```
+    pub fn header(name: HeaderName) -> Header {
+        Header {
+            name,
+            prefix: String::new(),
+        }
+    }
+
+    /// Keys requests by the `index`th segment of the URI path, counted from 0
+    /// after the leading `/`; see [`PathSegment`].
+    ///
+    /// For `/accounts/42/withdraw`, segment 0 is `accounts` and segment 1 is `42`.
+    /// A path without that segment, or with an empty one, is not locked. The
+    /// segment is used as it appears in the URI (still percent-encoded).
+    ///
+    /// With axum, apply the layer with `route_layer` on the routes it is meant
+    /// for, so that only requests that matched them are locked.
+    ///
+    /// ```
+    /// use distlock_tower::{key, LockLayer};
+    ///
+    /// let locker = distlock::Locker::memory();
+    /// // /accounts/{id}/withdraw → "account:{id}"
+    /// let layer = LockLayer::new(locker, key::path_segment(1).prefix("account:"));
+    /// # let _ = layer;
+    /// ```
+    pub fn path_segment(index: usize) -> PathSegment {
+        PathSegment {
+            index,
+            prefix: String::new(),
+        }
+    }
+
+    /// Keys requests by a function of the URI path (without the query); see
+    /// [`Path`].
+    ///
+    /// ```
+    /// use distlock_tower::{key, LockLayer};
+    ///
+    /// let locker = distlock::Locker::memory();
+    /// let layer = LockLayer::new(
+    ///     locker,
+    ///     key::path(|path: &str| {
+    ///         let id = path.strip_prefix("/orders/")?.split('/').next()?;
+    ///         Some(format!("order:{id}"))
+    ///     }),
+    /// );
+    /// # let _ = layer;
+    /// ```
+    pub fn path<F>(f: F) -> Path<F>
+    where
+        F: Fn(&str) -> Option<String>,
+    {
+        Path { f }
+    }
+
+    /// The key extractor made by [`header`].
+    #[derive(Debug, Clone)]
+    #[must_use]
+    pub struct Header {
+        name: HeaderName,
+        prefix: String,
+    }
+
+    impl Header {
+        /// Puts `prefix` in front of every key (`"account:"` makes `account:42`).
+        pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+            self.prefix = prefix.into();
+            self
+        }
+    }
+
+    impl<B> MakeKey<Request<B>> for Header {
+        fn make_key(&self, request: &Request<B>) -> Option<String> {
+            let value = request.headers().get(&self.name)?;
+            let value = String::from_utf8_lossy(value.as_bytes());
+            Some(format!("{}{value}", self.prefix))
+        }
+    }
+
+    /// The key extractor made by [`path_segment`].
+    #[derive(Debug, Clone)]
+    #[must_use]
+    pub struct PathSegment {
+        index: usize,
+        prefix: String,
+    }
+
+    impl PathSegment {
+        /// Puts `prefix` in front of every key (`"account:"` makes `account:42`).
+        pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+            self.prefix = prefix.into();
+            self
+        }
+    }
+
+    impl<B> MakeKey<Request<B>> for PathSegment {
+        fn make_key(&self, request: &Request<B>) -> Option<String> {
+            let path = request.uri().path();
+            let segment = path
+                .strip_prefix('/')
+                .unwrap_or(path)
+                .split('/')
+                .nth(self.index)
+                .filter(|s| !s.is_empty())?;
+            Some(format!("{}{segment}", self.prefix))
+        }
+    }
+
+    /// The key extractor made by [`path`].
+    #[derive(Clone)]
+    #[must_use]
+    pub struct Path<F> {
+        f: F,
+    }
+
+    impl<F> fmt::Debug for Path<F> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("Path")
+                .field("f", &std::any::type_name::<F>())
+                .finish()
+        }
+    }
+
+    impl<F, B> MakeKey<Request<B>> for Path<F>
+    where
+        F: Fn(&str) -> Option<String>,
+    {
+        fn make_key(&self, request: &Request<B>) -> Option<String> {
+            (self.f)(request.uri().path())
+        }
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "http")]
+mod tests {
+    use ::http::{HeaderName, HeaderValue, Request};
+
+    use super::*;
+
+    fn get(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn closures_are_key_extractors() {
+        let by_len = |s: &String| (!s.is_empty()).then(|| format!("len:{}", s.len()));
+        assert_eq!(by_len.make_key(&"abc".to_owned()).as_deref(), Some("len:3"));
+        assert_eq!(by_len.make_key(&String::new()), None);
+    }
+
+    #[test]
+    fn header_keys_by_value_with_prefix() {
+        let key = header(HeaderName::from_static("x-account-id")).prefix("account:");
+        let mut req = get("/");
+        assert_eq!(key.make_key(&req), None, "no header: no lock");
+        req.headers_mut()
+            .insert("x-account-id", HeaderValue::from_static("42"));
+        assert_eq!(key.make_key(&req).as_deref(), Some("account:42"));
+    }
+
+    #[test]
+    fn header_with_opaque_bytes_still_locks() {
+        let key = header(HeaderName::from_static("x-id"));
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("x-id", HeaderValue::from_bytes(b"a\xffb").unwrap());
+        assert_eq!(key.make_key(&req).as_deref(), Some("a\u{fffd}b"));
+    }
+
+    #[test]
+    fn path_segment_counts_from_zero_after_the_slash() {
+        let key = path_segment(1).prefix("account:");
+        assert_eq!(
+            key.make_key(&get("/accounts/42/withdraw?amount=3"))
+                .as_deref(),
+            Some("account:42")
+        );
+        assert_eq!(key.make_key(&get("/accounts")), None);
+        assert_eq!(key.make_key(&get("/accounts//withdraw")), None);
+        assert_eq!(
+            path_segment(0).make_key(&get("/accounts")).as_deref(),
+            Some("accounts")
+        );
+    }
+
+    #[test]
+    fn path_function_sees_the_path_without_query() {
+        let key = path(|p: &str| Some(p.to_owned()));
+        assert_eq!(key.make_key(&get("/a/b?c=d")).as_deref(), Some("/a/b"));
+    }
+}

@@ -1,0 +1,10 @@
+use distlock::distributed_lock;
+
+#[distributed_lock(key = "")]
+async fn settle(invoice_id: u64) -> Result<u64, distlock::Error> {
+    Ok(invoice_id)
+}
+
+fn main() {
+    let _ = settle(42);
+}

@@ -1,0 +1,10 @@
+use distlock::distributed_lock;
+
+#[distributed_lock(key = "invoice:{invoice_id}")]
+async fn settle(invoice_id: u64) -> Option<u64> {
+    Some(invoice_id)
+}
+
+fn main() {
+    let _ = settle(42);
+}
