@@ -354,3 +354,111 @@ mod tests {
         assert!(t.check_literal_text().is_ok());
     }
 }
+
+/// Property tests: any input parses or is refused without panicking, and a
+/// template written from pieces parses back into those pieces.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ident() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z_][a-zA-Z0-9_]{0,8}",
+            Just("número".to_owned()),
+            Just("self".to_owned()),
+        ]
+        .prop_filter("`_` alone is not a name", |s| s != "_")
+    }
+
+    fn field() -> impl Strategy<Value = Field> {
+        prop_oneof![
+            ident().prop_map(Field::Named),
+            any::<u32>().prop_map(Field::Index),
+        ]
+    }
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            "[a-z:{}/é🔒 \\t]{1,8}".prop_map(Piece::Literal),
+            (ident(), prop::collection::vec(field(), 0..3))
+                .prop_map(|(name, fields)| Piece::Placeholder(Placeholder { name, fields })),
+        ]
+    }
+
+    /// Adjacent literal runs are one piece once parsed.
+    fn normalize(pieces: Vec<Piece>) -> Vec<Piece> {
+        let mut out: Vec<Piece> = Vec::new();
+        for p in pieces {
+            match (out.last_mut(), p) {
+                (Some(Piece::Literal(prev)), Piece::Literal(text)) => prev.push_str(&text),
+                (_, p) => out.push(p),
+            }
+        }
+        out
+    }
+
+    /// The template text that means `pieces`.
+    fn write(pieces: &[Piece]) -> String {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Literal(text) => text.replace('{', "{{").replace('}', "}}"),
+                Piece::Placeholder(ph) => format!("{{{}}}", ph.display()),
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused_without_panicking(text in "\\PC{0,40}|[{}a.0 ]{0,12}") {
+            if let Ok(t) = Template::parse(&text) {
+                // What parsed writes back to a template that parses the same.
+                let again = Template::parse(&write(&t.pieces)).unwrap();
+                prop_assert_eq!(again, t.clone());
+                let _ = t.check_literal_text();
+            }
+        }
+
+        #[test]
+        fn a_template_written_from_pieces_parses_back_into_them(
+            pieces in prop::collection::vec(piece(), 1..6),
+        ) {
+            let pieces = normalize(pieces);
+            let text = write(&pieces);
+            let parsed = Template::parse(&text).unwrap();
+            prop_assert_eq!(&parsed.pieces, &pieces);
+            // One `{}` per placeholder, literal braces escaped.
+            let expected: String = pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Literal(t) => t.replace('{', "{{").replace('}', "}}"),
+                    Piece::Placeholder(_) => "{}".to_owned(),
+                })
+                .collect();
+            prop_assert_eq!(parsed.format_string(), expected);
+            let names: Vec<String> = parsed.placeholders().map(Placeholder::display).collect();
+            let wanted: Vec<String> = pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Placeholder(ph) => Some(ph.display()),
+                    Piece::Literal(_) => None,
+                })
+                .collect();
+            prop_assert_eq!(names, wanted);
+            // The literal text is refused exactly when no value could make a
+            // valid key of it.
+            let literal: String = pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Literal(t) => Some(t.as_str()),
+                    Piece::Placeholder(_) => None,
+                })
+                .collect();
+            let hopeless = literal.contains(['{', '}'])
+                || literal.chars().any(char::is_control)
+                || literal.len() > MAX_KEY_LEN;
+            prop_assert_eq!(parsed.check_literal_text().is_err(), hopeless);
+        }
+    }
+}

@@ -1,9 +1,9 @@
 //! The lease as the handler sees it: [`LockInfo`], and [`LockRequest`] to hand it
 //! over with the request.
 
-use std::ops::Deref;
+use std::fmt;
 
-use distlock::Current;
+use distlock::CancellationToken;
 
 /// The lease a request is handled under: its key, fencing token and lost signal.
 ///
@@ -27,23 +27,54 @@ use distlock::Current;
 /// }
 /// # let _ = withdraw;
 /// ```
-#[derive(Clone, Debug)]
-pub struct LockInfo(Current);
+#[derive(Clone)]
+pub struct LockInfo {
+    key: String,
+    fencing_token: u64,
+    lost: CancellationToken,
+}
 
 impl LockInfo {
     /// The lease `distlock::current()` reports, if it is the lease on `key`.
     pub(crate) fn current(key: &str) -> Option<LockInfo> {
-        distlock::current().filter(|c| c.key() == key).map(LockInfo)
+        let current = distlock::current()?;
+        (current.key() == key).then(|| LockInfo {
+            key: current.key().to_owned(),
+            fencing_token: current.fencing_token(),
+            lost: current.lost(),
+        })
+    }
+
+    /// The lock's key, as the key extractor made it.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The fencing token of the acquisition: strictly greater than that of every
+    /// earlier holder of this key. Hand it to the resource you write to.
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+
+    /// A token cancelled when the lease is lost, for work the handler hands to
+    /// other tasks. (The handler's own future is dropped by the layer then.)
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.child_token()
+    }
+
+    /// True once the lease is lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
     }
 }
 
-/// The lease's key, fencing token and lost signal: [`Current::key`],
-/// [`Current::fencing_token`], [`Current::lost`], [`Current::is_lost`].
-impl Deref for LockInfo {
-    type Target = Current;
-
-    fn deref(&self) -> &Current {
-        &self.0
+impl fmt::Debug for LockInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockInfo")
+            .field("key", &self.key)
+            .field("fencing_token", &self.fencing_token)
+            .field("lost", &self.is_lost())
+            .finish()
     }
 }
 

@@ -1,6 +1,9 @@
 //! Property tests (proptest) of everything that parses or validates input:
 //! lock keys, key prefixes and owner tags, durations (expiry, renewal
-//! cadence, drift), connection URLs, and detached leases through serde.
+//! cadence, drift), connection URLs, detached leases and `Config` through
+//! serde, and keys that `#[distributed_lock]` templates format at run time.
+//! (The template parser's own properties are unit tests in
+//! `distlock-macros/src/template.rs`: it is private to the proc-macro crate.)
 //!
 //! Each property states the rule the README documents, independently of the
 //! implementation, and checks the public API against it on generated input:
@@ -12,7 +15,9 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use distlock::{Error, Lease, Locker, MemoryStore, MAX_KEY_LEN};
+use distlock::{
+    distributed_lock, Config as LockerConfig, Error, Lease, Locker, MemoryStore, MAX_KEY_LEN,
+};
 use distlock_tests::RedisServer;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -194,6 +199,92 @@ proptest! {
         if let Ok(lease) = serde_json::from_str::<Lease>(&json) {
             let again = serde_json::to_string(&lease).unwrap();
             prop_assert_eq!(serde_json::from_str::<Lease>(&again).unwrap(), lease);
+        }
+    }
+}
+
+/// The key a template formats, seen from inside the body.
+#[distributed_lock(key = "user:{id}:{n}", locker = locker)]
+async fn key_inside(locker: &Locker, id: &str, n: u32) -> Result<String, Error> {
+    let _ = (id, n);
+    Ok(distlock::current()
+        .map(|c| c.key().to_owned())
+        .unwrap_or_default())
+}
+
+proptest! {
+    #![proptest_config(Config::with_cases(128))]
+
+    #[test]
+    fn a_macro_key_is_the_formatted_template_or_an_invalid_key_error(id in keys(), n in any::<u32>()) {
+        let expected = format!("user:{id}:{n}");
+        let result = RT.block_on(async {
+            let locker = Locker::memory();
+            key_inside(&locker, &id, n).await
+        });
+        match result {
+            Ok(key) => {
+                prop_assert!(key_is_valid(&expected));
+                prop_assert_eq!(key, expected);
+            }
+            Err(Error::InvalidKey { .. }) => prop_assert!(!key_is_valid(&expected)),
+            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn config_durations_round_trip_and_validate_like_the_builder(
+        expiry in (0u64..100_000_000).prop_map(Duration::from_millis),
+        renew in prop::option::of((1u64..50_000_000).prop_map(Duration::from_micros)),
+        pool_size in 0usize..2000,
+    ) {
+        let mut json = serde_json::json!({
+            "memory": true,
+            "expiry": humantime::format_duration(expiry).to_string(),
+            "pool_size": pool_size,
+        });
+        if let Some(r) = renew {
+            json["renew_every"] = humantime::format_duration(r).to_string().into();
+        }
+        let config: LockerConfig = serde_json::from_value(json).unwrap();
+        prop_assert_eq!(config.expiry, Some(expiry));
+        prop_assert_eq!(config.renew_every, renew);
+        let valid_expiry = expiry >= Duration::from_millis(100) && expiry <= Duration::from_secs(86_400);
+        let validity = expiry.saturating_sub(expiry.mul_f64(0.01) + Duration::from_millis(2));
+        let cadence = renew.unwrap_or(expiry / 3);
+        let valid = valid_expiry
+            && !cadence.is_zero()
+            && cadence < validity
+            && (1..=1024).contains(&pool_size);
+        match RT.block_on(config.into_builder().build()) {
+            Ok(_) => prop_assert!(valid, "accepted"),
+            Err(Error::Config(_)) => prop_assert!(!valid, "rejected"),
+            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn arbitrary_config_values_deserialize_or_fail_without_panicking(
+        field in prop_oneof![
+            Just("expiry"), Just("renew_every"), Just("max_hold"), Just("op_timeout"),
+            Just("connect_timeout"), Just("key_prefix"), Just("owner_tag"), Just("pool_size"),
+            Just("connections"), Just("bogus"),
+        ],
+        value in prop_oneof![
+            "\\PC{0,16}".prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+        ],
+    ) {
+        let mut json = serde_json::json!({ "memory": true });
+        json[field] = value;
+        if let Ok(config) = serde_json::from_value::<LockerConfig>(json) {
+            // Whatever deserialized builds a locker or fails validation.
+            match RT.block_on(config.into_builder().build()) {
+                Ok(_) | Err(Error::Config(_)) => {}
+                Err(e) => prop_assert!(false, "unexpected {e:?}"),
+            }
         }
     }
 }
