@@ -1,4 +1,4 @@
-//! A short run of the `soak` binary: continuous acquire / renew / release
+//! A short run (35 s) of the `soak` binary: continuous acquire / renew / release
 //! over 1,000 keys with a fault every few seconds must leave no task, no
 //! waiting line and no lock behind, and RSS must not grow past noise.
 
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 fn a_short_soak_with_faults_leaks_neither_tasks_nor_memory() {
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_soak"))
-        .args(["--duration", "20s", "--keys", "1000", "--fault-every", "2s"])
+        .args(["--duration", "35s", "--keys", "1000", "--fault-every", "2s"])
         .output()
         .expect("running soak");
     let stdout = String::from_utf8_lossy(&output.stdout);
