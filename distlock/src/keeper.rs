@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -115,65 +115,12 @@ pub(crate) enum Cmd {
     Close { reply: oneshot::Sender<()> },
 }
 
-/// The handle a `Locker` keeps: the command channel, the deferred commands, and
-/// the task, started on first use (it needs a runtime).
+/// The handle a `Locker` keeps: the command channel, and the task, started on first
+/// use (it needs a runtime).
 #[derive(Debug)]
 pub(crate) struct Keeper {
     tx: mpsc::UnboundedSender<Cmd>,
-    deferred: Arc<Deferred>,
     start: Mutex<Option<(mpsc::UnboundedReceiver<Cmd>, Backend)>>,
-}
-
-/// How many deferred commands wake the keeper regardless (bounds their memory).
-const MAX_DEFERRED: usize = 1024;
-
-/// Commands that need not wake the keeper: a new lease whose first timer falls
-/// after the keeper's next wake-up, and a lease to forget. The keeper takes them
-/// whenever it wakes, before anything else, so they keep their order with the
-/// commands sent on the channel. Waking the keeper for every acquisition and
-/// release cost more than the round trip to Redis (a task hop, and on a
-/// multi-threaded runtime a thread woken to run it).
-#[derive(Debug, Default)]
-struct Deferred {
-    state: Mutex<DeferredState>,
-    wake: Notify,
-}
-
-#[derive(Debug, Default)]
-struct DeferredState {
-    cmds: Vec<Cmd>,
-    /// The keeper has stopped: deferred commands are refused (their senders
-    /// release or fail by themselves), so that none is left unserved.
-    closed: bool,
-    /// `Some(until)` while the keeper sleeps until `until` (`None`: no timer);
-    /// `None` while it is awake, as it takes the deferred commands before sleeping.
-    asleep: Option<Option<Instant>>,
-}
-
-impl Deferred {
-    fn take(&self) -> Vec<Cmd> {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.asleep = None;
-        std::mem::take(&mut st.cmds)
-    }
-
-    /// Refuses later commands and returns those not yet taken.
-    fn close(&self) -> Vec<Cmd> {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.closed = true;
-        std::mem::take(&mut st.cmds)
-    }
-
-    /// Records that the keeper goes to sleep until `until`, unless commands came
-    /// in meanwhile (then `false`: take them first).
-    fn sleep(&self, until: Option<Instant>) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if !st.cmds.is_empty() {
-            return false;
-        }
-        st.asleep = Some(until);
-        true
-    }
 }
 
 impl Keeper {
@@ -181,16 +128,12 @@ impl Keeper {
         let (tx, rx) = mpsc::unbounded_channel();
         Keeper {
             tx,
-            deferred: Arc::default(),
             start: Mutex::new(Some((rx, backend))),
         }
     }
 
     /// Sends a command, starting the task if needed. `false` if the keeper is gone
     /// (its runtime shut down) or cannot start (no runtime).
-    ///
-    /// `Hold` and `Forget` are deferred: they wake the keeper only when the new
-    /// lease is due before the keeper's next wake-up.
     pub(crate) fn send(&self, cmd: Cmd) -> bool {
         {
             let mut start = self.start.lock().unwrap_or_else(PoisonError::into_inner);
@@ -199,45 +142,11 @@ impl Keeper {
                     return false;
                 };
                 if let Some((rx, backend)) = start.take() {
-                    rt.spawn(run(rx, Arc::clone(&self.deferred), backend));
+                    rt.spawn(run(rx, backend));
                 }
             }
         }
-        let due = match &cmd {
-            Cmd::Hold {
-                valid_until,
-                renew_every,
-                validity,
-                max_hold_at,
-                ..
-            } => {
-                let renew_at = *valid_until - *validity + *renew_every;
-                Some(max_hold_at.map_or(renew_at, |m| m.min(renew_at)))
-            }
-            Cmd::Forget { .. } => None,
-            _ => return self.tx.send(cmd).is_ok(),
-        };
-        let mut st = self
-            .deferred
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if st.closed || self.tx.is_closed() {
-            return false;
-        }
-        st.cmds.push(cmd);
-        let wake = match st.asleep {
-            None => false,
-            Some(until) => {
-                st.cmds.len() >= MAX_DEFERRED || due.is_some_and(|d| until.is_none_or(|u| d < u))
-            }
-        };
-        if wake {
-            st.asleep = None;
-            drop(st);
-            self.deferred.wake.notify_one();
-        }
-        true
+        self.tx.send(cmd).is_ok()
     }
 
     /// True once the task was started.
@@ -284,7 +193,7 @@ struct State {
     closed: bool,
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, backend: Backend) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
     let mut st = State {
         backend,
         entries: HashMap::new(),
@@ -295,28 +204,14 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, back
     };
     let mut closers = Vec::new();
     let closed = loop {
-        st.take_deferred(&deferred);
         let next = st.timers.first().map(|(t, _)| *t);
-        if !deferred.sleep(next) {
-            continue;
-        }
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(cmd) => {
-                    // Deferred commands were sent before this one.
-                    st.take_deferred(&deferred);
-                    match cmd {
-                        Cmd::Close { reply } => break Some(reply),
-                        cmd => st.command(cmd),
-                    }
-                }
+                Some(Cmd::Close { reply }) => break Some(reply),
+                Some(cmd) => st.command(cmd),
                 None => break None,
             },
-            () = deferred.wake.notified() => {}
-            () = sleep_until(next) => {
-                st.take_deferred(&deferred);
-                st.due();
-            }
+            () = sleep_until(next) => st.due(),
             Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
                 st.renewed(sent, ids, result);
             }
@@ -327,7 +222,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, back
     // finish. Commands already queued are served as after a close (a lease
     // registered concurrently is released); later ones find the channel closed
     // and their senders release or fail by themselves.
-    st.take_deferred(&deferred);
     st.close_all();
     rx.close();
     while let Some(cmd) = rx.recv().await {
@@ -335,9 +229,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, deferred: Arc<Deferred>, back
             Cmd::Close { reply } => closers.push(reply),
             cmd => st.command(cmd),
         }
-    }
-    for cmd in deferred.close() {
-        st.command(cmd);
     }
     while st.releases.join_next().await.is_some() {}
     st.backend.shutdown();
@@ -354,12 +245,6 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 impl State {
-    fn take_deferred(&mut self, deferred: &Deferred) {
-        for cmd in deferred.take() {
-            self.command(cmd);
-        }
-    }
-
     fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Hold {
