@@ -11,8 +11,10 @@
 //! | `P{K}:rw:w` | a reader-writer lock's writer (a string, like a mutex) |
 //! | `P{K}:rw:r` | its readers (a sorted set, like a semaphore) |
 //! | `P{K}:rw:i` | a waiting writer's intent: new readers wait while it lives |
-//! | `P{K}:fence` | the fencing counter (bounded TTL, refreshed on acquire) |
+//! | `P{K}:fence` | the fencing counter (created from the server's clock, 7-day TTL) |
 //! | `P{K}:released` | the pub/sub channel a release publishes to |
+
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -37,9 +39,22 @@ impl Kind {
     }
 }
 
-/// The Redis names of one lock.
+/// The Redis names of one lock, shared: built once per [`Lock`](crate::Lock)
+/// and cloned by reference count into each lease and attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Keys {
+pub(crate) struct Keys(Arc<KeyNames>);
+
+impl std::ops::Deref for Keys {
+    type Target = KeyNames;
+
+    fn deref(&self) -> &KeyNames {
+        &self.0
+    }
+}
+
+/// The names behind [`Keys`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct KeyNames {
     /// The user's key.
     pub(crate) name: String,
     pub(crate) kind: Kind,
@@ -66,15 +81,18 @@ impl Keys {
             Kind::Read => (format!("{base}:rw:r"), format!("{base}:rw:w")),
             Kind::Write => (format!("{base}:rw:w"), format!("{base}:rw:r")),
         };
-        Ok(Keys {
+        Ok(Keys(Arc::new(KeyNames {
             name: name.to_owned(),
             kind,
             lock,
             aux,
-            intent: format!("{base}:rw:i"),
+            intent: match kind {
+                Kind::Read | Kind::Write => format!("{base}:rw:i"),
+                Kind::Mutex | Kind::Semaphore { .. } => String::new(),
+            },
             fence: format!("{base}:fence"),
             channel: format!("{base}:released"),
-        })
+        })))
     }
 
     /// Every key a force-unlock deletes: the holders of every kind.

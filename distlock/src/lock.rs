@@ -1,7 +1,7 @@
 //! A named mutex: `try_acquire`, `acquire_timeout`, `acquire`, and the waiting
 //! machinery (local FIFO line, pub/sub wake-up, TTL-bounded jittered timers).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -38,6 +38,8 @@ pub struct Lock {
     key: String,
     kind: Kind,
     opts: LeaseOptions,
+    /// The Redis names, built on first use and shared by every clone.
+    keys: Arc<OnceLock<Keys>>,
 }
 
 /// One attempt: the guard, or how long the key has left if the server said.
@@ -50,6 +52,7 @@ impl Lock {
             key,
             kind,
             opts,
+            keys: Arc::default(),
         }
     }
 
@@ -147,7 +150,11 @@ impl Lock {
                 "a semaphore needs at least one permit (max = 0)",
             ));
         }
-        Keys::new(self.locker.key_prefix(), &self.key, self.kind)
+        if let Some(keys) = self.keys.get() {
+            return Ok(keys.clone());
+        }
+        let keys = Keys::new(self.locker.key_prefix(), &self.key, self.kind)?;
+        Ok(self.keys.get_or_init(|| keys).clone())
     }
 
     pub(crate) async fn acquire_until(&self, deadline: Option<Instant>) -> Result<LockGuard> {

@@ -238,7 +238,7 @@ impl Locker {
         let keys = self.keys(lease.key(), lease.kind())?;
         let batch = [crate::backend::Renewal {
             shared: keys.kind.shared(),
-            key: keys.lock,
+            key: keys.lock.clone(),
             token: lease.token().to_owned(),
             ttl: lease.expiry(),
         }];
