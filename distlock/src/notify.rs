@@ -5,7 +5,9 @@
 //! counter in a `watch` channel, so a message that arrives between two waits is
 //! never missed.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,10 +24,52 @@ pub(crate) enum SubCmd {
     Reconnect,
 }
 
+/// How many releases a `Locker` may hand straight to its own next waiter on
+/// one channel in a row, before it leaves one to the pub/sub message that every
+/// replica hears at about the same time: bounds how long the waiters of other
+/// replicas can lose the race to local ones.
+pub(crate) const LOCAL_STREAK: u32 = 4;
+
+/// How many recent release messages a channel remembers, to wake its waiters
+/// once per release whichever way the news arrives first (and once, not once
+/// per server, under Redlock).
+const RECENT: usize = 8;
+
 #[derive(Debug)]
 struct Channel {
     refs: usize,
     tx: watch::Sender<u64>,
+    /// Hashes of the latest release messages (their tokens), a ring.
+    recent: [u64; RECENT],
+    next: usize,
+    /// Releases handed to local waiters in a row.
+    streak: u32,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Channel {
+            refs: 0,
+            tx: watch::Sender::new(0),
+            recent: [0; RECENT],
+            next: 0,
+            streak: 0,
+        }
+    }
+
+    fn wake(&self) {
+        self.tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Records a release message; `false` if it was seen already.
+    fn first_news(&mut self, hash: u64) -> bool {
+        if self.recent.contains(&hash) {
+            return false;
+        }
+        self.recent[self.next] = hash;
+        self.next = (self.next + 1) % RECENT;
+        true
+    }
 }
 
 /// The per-`Locker` table of channels waited on.
@@ -33,6 +77,7 @@ struct Channel {
 pub(crate) struct Hub {
     channels: Mutex<HashMap<String, Channel>>,
     feed: Feed,
+    hasher: RandomState,
 }
 
 /// Where release messages come from.
@@ -59,8 +104,8 @@ impl Hub {
     /// A hub with no feed: every subscription is unconfirmed.
     pub(crate) fn absent() -> Arc<Hub> {
         Arc::new(Hub {
-            channels: Mutex::default(),
             feed: Feed::Absent,
+            ..Hub::default()
         })
     }
 
@@ -72,8 +117,8 @@ impl Hub {
     ) -> (Arc<Hub>, Vec<mpsc::UnboundedReceiver<SubCmd>>) {
         let (txs, rxs) = (0..servers).map(|_| mpsc::unbounded_channel()).unzip();
         let hub = Hub {
-            channels: Mutex::default(),
             feed: Feed::Remote(txs, needed),
+            ..Hub::default()
         };
         (Arc::new(hub), rxs)
     }
@@ -88,10 +133,7 @@ impl Hub {
     ) -> (Subscription, bool) {
         let (rx, first) = {
             let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-            let entry = map.entry(channel.to_owned()).or_insert_with(|| Channel {
-                refs: 0,
-                tx: watch::Sender::new(0),
-            });
+            let entry = map.entry(channel.to_owned()).or_insert_with(Channel::new);
             entry.refs += 1;
             (entry.tx.subscribe(), entry.refs == 1)
         };
@@ -129,7 +171,38 @@ impl Hub {
     pub(crate) fn notify(&self, channel: &str) {
         let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get(channel) {
-            c.tx.send_modify(|n| *n = n.wrapping_add(1));
+            c.wake();
+        }
+    }
+
+    /// A release message arrived on `channel` (its payload is the released
+    /// token): wakes the waiters unless this release already woke them.
+    pub(crate) fn notify_message(&self, channel: &str, payload: &[u8]) {
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get_mut(channel) {
+            if c.first_news(self.hasher.hash_one(payload)) {
+                c.wake();
+            }
+        }
+    }
+
+    /// This `Locker` released `token` on `channel` (Redis confirmed): wakes its
+    /// own waiters there at once, without waiting for the pub/sub message,
+    /// except once every [`LOCAL_STREAK`] + 1 releases, which are left to the
+    /// message so that other replicas' waiters get an even start (when there
+    /// is a pub/sub connection to bring it).
+    pub(crate) fn released_here(&self, channel: &str, token: &str) {
+        let fed = matches!(self.feed, Feed::Remote(..));
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get_mut(channel) {
+            if fed && c.streak >= LOCAL_STREAK {
+                c.streak = 0;
+                return;
+            }
+            c.streak += 1;
+            if c.first_news(self.hasher.hash_one(token.as_bytes())) {
+                c.wake();
+            }
         }
     }
 
@@ -138,7 +211,7 @@ impl Hub {
     pub(crate) fn notify_all(&self) {
         let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         for c in map.values() {
-            c.tx.send_modify(|n| *n = n.wrapping_add(1));
+            c.wake();
         }
     }
 
@@ -225,6 +298,52 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_release_wakes_once_whichever_way_its_news_arrives() {
+        let hub = Hub::local();
+        let (mut sub, _) = hub.subscribe("c", ACK).await;
+        let woken = |sub: &mut Subscription| sub.rx.has_changed().unwrap();
+        // Local news first, then the pub/sub message of the same release (and
+        // its copies from other Redlock servers): one wake-up.
+        hub.released_here("c", "t1");
+        assert!(woken(&mut sub));
+        sub.rx.borrow_and_update();
+        hub.notify_message("c", b"t1");
+        hub.notify_message("c", b"t1");
+        assert!(!woken(&mut sub));
+        // The message first, then the local news.
+        hub.notify_message("c", b"t2");
+        assert!(woken(&mut sub));
+        sub.rx.borrow_and_update();
+        hub.released_here("c", "t2");
+        assert!(!woken(&mut sub));
+        // Another release: woken again.
+        hub.notify_message("c", b"t3");
+        assert!(woken(&mut sub));
+    }
+
+    #[tokio::test]
+    async fn every_fifth_local_release_is_left_to_the_message() {
+        let (hub, _rxs) = Hub::remote(1, 1);
+        // Nobody answers for the server here: unconfirmed, which is all the same.
+        let (mut sub, _) = hub.subscribe("c", Duration::from_millis(1)).await;
+        let mut local = 0;
+        for i in 0..(2 * (LOCAL_STREAK + 1)) {
+            let token = format!("t{i}");
+            hub.released_here("c", &token);
+            if sub.rx.has_changed().unwrap() {
+                local += 1;
+                sub.rx.borrow_and_update();
+            } else {
+                // Left to the message, which then wakes the waiters.
+                hub.notify_message("c", token.as_bytes());
+                assert!(sub.rx.has_changed().unwrap());
+                sub.rx.borrow_and_update();
+            }
+        }
+        assert_eq!(local, 2 * LOCAL_STREAK);
     }
 
     #[tokio::test]

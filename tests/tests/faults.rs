@@ -569,6 +569,35 @@ async fn a_subscribed_waiter_falls_back_to_timers_when_the_pubsub_connection_is_
     proxy.restore();
 }
 
+/// A release by this locker wakes its own next waiter at once, without the
+/// pub/sub message: here there is no pub/sub connection at all (a pool without
+/// a URL) and the backoff is 5 s, so only the local wake-up can hand the lock
+/// over within 2 s, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_the_same_lockers_waiter_without_pubsub() {
+    let server = RedisServer::start().await;
+    let locker = Locker::builder()
+        .pool(pool(&server.url(), 4))
+        .retry_backoff(Duration::from_secs(5), Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let mut held = locker.lock("local").acquire().await.unwrap();
+    for round in 0..8 {
+        let waiting = acquire_in_task(&locker, "local");
+        // The waiter made its attempt and sleeps on its 5 s timer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        held.release().await.unwrap();
+        let (g, _) = timeout(Duration::from_secs(2), waiting)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the local waiter was not woken"))
+            .unwrap();
+        held = g;
+    }
+    held.release().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_starts_while_pubsub_is_unreachable_acquires_by_timer() {
     let server = RedisServer::start().await;

@@ -784,7 +784,7 @@ async fn check_short_beside_long(fx: Fixture) {
 
 /// Calls of `cmd` on the server so far (`INFO commandstats`). Scripts count the
 /// commands they run: an acquire attempt that finds the key held runs `PTTL`,
-/// one that takes it runs `TIME`.
+/// one that takes it runs `INCR` (the fencing counter).
 async fn command_calls(server: &RedisServer, cmd: &str) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -813,14 +813,14 @@ async fn local_waiters_make_one_attempt_per_release() {
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (won, held_attempts) = (
-        command_calls(&server, "time").await,
+        command_calls(&server, "incr").await,
         command_calls(&server, "pttl").await,
     );
     held.release().await.unwrap();
     for t in tasks {
         timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
     }
-    let won = command_calls(&server, "time").await - won;
+    let won = command_calls(&server, "incr").await - won;
     let failed = command_calls(&server, "pttl").await - held_attempts;
     assert_eq!(won, WAITERS as u64);
     // Each new head of the line waits for its predecessor's release message

@@ -82,12 +82,20 @@ impl Backend {
 
     /// Compare-and-delete, publishing a release message. `Ok(false)`: the key was
     /// not ours (any more).
+    ///
+    /// When Redis confirms, this `Locker`'s own waiters on the key are woken at
+    /// once (see [`Hub::released_here`](crate::notify::Hub::released_here));
+    /// other replicas' hear the message.
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
-        match self {
-            Backend::Redis(b) => boxed(b.release(keys, token)).await,
-            Backend::Redlock(b) => boxed(b.release(keys, token)).await,
-            Backend::Memory(b) => Ok(b.release(keys, token)),
+        let (released, hub) = match self {
+            Backend::Redis(b) => (boxed(b.release(keys, token)).await, b.hub()),
+            Backend::Redlock(b) => (boxed(b.release(keys, token)).await, b.hub()),
+            Backend::Memory(b) => return Ok(b.release(keys, token)),
+        };
+        if let Ok(true) = released {
+            hub.released_here(&keys.channel, token);
         }
+        released
     }
 
     /// Compare-and-pexpire for a batch of leases; one `bool` per lease, in order.

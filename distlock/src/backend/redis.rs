@@ -18,24 +18,38 @@ use crate::error::{Error, Result};
 use crate::key::{Keys, Kind};
 use crate::notify::{Hub, SubCmd, Subscription};
 
-/// How long the fencing counter outlives its last acquisition. The counter also
-/// takes the server's clock into account, so its expiry never lets a token repeat.
+/// How long the fencing counter outlives its creation. When it expires (or Redis
+/// restarts empty) it starts again from the server's clock, so a token never
+/// repeats.
 const FENCE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// Lua that mints the next fencing token into `f` and stores it: one more than
-/// the counter, and never less than the server's clock in microseconds, so the
-/// token keeps increasing when the counter expires or Redis restarts empty.
-/// Expects `KEYS[FENCE]` and the fence TTL in `ARGV[FTTL]`.
+/// Lua that mints the next fencing token into `f`: one more than the counter.
+/// A counter that does not exist (first use, expired, or lost in a restart)
+/// starts from the server's clock in microseconds, with a TTL, so tokens keep
+/// increasing across its loss: one acquisition per microsecond for the
+/// counter's 7 days would be needed to overtake the clock.
+/// Expects `KEYS[FENCE]` and the fence TTL in `ARGV[FTTL]`; the argument is the
+/// Lua that undoes the acquisition when the counter is corrupt (not an integer,
+/// or at its limit), which is then an error and leaves nothing held.
 macro_rules! mint_fence {
-    () => {
-        r"
-  local t = redis.call('time')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local f = tonumber(redis.call('get', KEYS[FENCE]) or '0') + 1
-  if now > f then f = now end
+    ($undo:literal) => {
+        concat!(
+            r"
+  local f = redis.pcall('incr', KEYS[FENCE])
+  if type(f) == 'table' then
+    ",
+            $undo,
+            r"
+    return redis.error_reply('ERR fencing counter ' .. KEYS[FENCE] .. ': ' .. tostring(f.err))
+  end
+  if f == 1 then
+    local t = redis.call('time')
+    f = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    redis.call('set', KEYS[FENCE], string.format('%.0f', f), 'PX', ARGV[FTTL])
+  end
   f = string.format('%.0f', f)
-  redis.call('set', KEYS[FENCE], f, 'PX', ARGV[FTTL])
 "
+        )
     };
 }
 
@@ -57,10 +71,24 @@ local nowms = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
 /// Returns `{1, fence}` when acquired (also when the key already holds our token:
 /// a retried attempt), `{0, ms left}` when held, `{2, type}` for a key of another
 /// type.
+///
+/// A mutex tries `SET NX` first: an uncontended acquisition is two commands
+/// (`SET`, `INCR`). `SET NX` leaves a key of any type alone.
 const ACQUIRE_EXCLUSIVE: &str = concat!(
     "local FENCE, FTTL = 2, 3\n",
     r"
-local kind = redis.call('type', KEYS[1])['ok']
+local kind
+if #KEYS == 2 then
+  if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    r"
+    return {1, f}
+  end
+  kind = redis.call('type', KEYS[1])['ok']
+else
+  kind = redis.call('type', KEYS[1])['ok']
+end
 if kind ~= 'string' and kind ~= 'none' then return {2, kind} end
 if kind == 'string' then
   if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -85,7 +113,7 @@ end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if #KEYS == 4 and redis.call('get', KEYS[4]) == ARGV[1] then redis.call('del', KEYS[4]) end
 ",
-    mint_fence!(),
+    mint_fence!("redis.call('del', KEYS[1])"),
     "return {1, f}\n"
 );
 
@@ -133,7 +161,7 @@ redis.call('zadd', KEYS[1], nowms + ttl, ARGV[1])
 if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
 if max > 0 then redis.call('set', KEYS[3], ARGV[4], 'PX', redis.call('pttl', KEYS[1])) end
 ",
-    mint_fence!(),
+    mint_fence!("redis.call('zrem', KEYS[1], ARGV[1])"),
     "return {1, f}\n"
 );
 
@@ -157,7 +185,7 @@ elseif redis.pcall('get', KEYS[1]) == ARGV[1] then
   redis.call('del', KEYS[1])
   ok = 1
 end
-if ok == 1 then redis.call('publish', KEYS[2], 'released') end
+if ok == 1 then redis.call('publish', KEYS[2], ARGV[1]) end
 return ok
 "
 );
@@ -215,11 +243,11 @@ return 1
 
 /// Force-unlock: delete every holder of the name, then wake waiters.
 ///
-/// KEYS: holder keys..., channel (last).
+/// KEYS: holder keys..., channel (last). ARGV: the message (unique per call).
 const FORCE_UNLOCK: &str = r"
 local n = 0
 for i = 1, #KEYS - 1 do n = n + redis.call('del', KEYS[i]) end
-redis.call('publish', KEYS[#KEYS], 'released')
+redis.call('publish', KEYS[#KEYS], ARGV[1])
 return n
 ";
 
@@ -891,12 +919,15 @@ impl RedisBackend {
     }
 
     pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
+        // A message of its own, so that waiters never take it for one they saw.
+        let message = crate::token::mint("force:")?;
+        let message = message.as_str();
         self.call("force unlock", |mut c| async move {
             let mut inv = SCRIPTS.force_unlock.prepare_invoke();
             for k in holders {
                 inv.key(k);
             }
-            inv.key(channel);
+            inv.key(channel).arg(message);
             inv.invoke_async::<i64>(&mut c).await
         })
         .await
@@ -916,6 +947,11 @@ impl RedisBackend {
         })
         .await
         .map(drop)
+    }
+
+    /// The hub this backend's pub/sub connection feeds.
+    pub(crate) fn hub(&self) -> &Arc<Hub> {
+        &self.shared.hub
     }
 
     pub(crate) async fn subscribe(
@@ -1173,7 +1209,7 @@ async fn pubsub_task(
                     }
                 },
                 msg = stream.next() => match msg {
-                    Some(msg) => hub.notify(msg.get_channel_name()),
+                    Some(msg) => hub.notify_message(msg.get_channel_name(), msg.get_payload_bytes()),
                     None => healthy = false,
                 },
             }

@@ -21,6 +21,11 @@ pub(crate) struct RedlockBackend {
 }
 
 impl RedlockBackend {
+    /// The hub every server's pub/sub connection feeds.
+    pub(crate) fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
     /// `hub` is the hub every server's pub/sub connection feeds.
     pub(crate) fn new(servers: Vec<(String, RedisBackend)>, hub: Arc<Hub>) -> Self {
         RedlockBackend {

@@ -4,7 +4,7 @@
 //! Redis counts the commands a Lua script runs as well as the script call, so
 //! the scripts' inner commands tell them apart without any counter in distlock:
 //! an acquire attempt that finds the key held ends with `PTTL`, one that takes
-//! it reads `TIME`, a release `PUBLISH`es, a renewal `PEXPIRE`s.
+//! it `INCR`s the fencing counter, a release `PUBLISH`es, a renewal `PEXPIRE`s.
 
 use std::collections::HashMap;
 use std::time::Duration;
