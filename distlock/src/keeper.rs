@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -115,20 +115,92 @@ pub(crate) enum Cmd {
     Close { reply: oneshot::Sender<()> },
 }
 
-/// The handle a `Locker` keeps: the command channel, and the task, started on first
+/// How many deferred commands may wait before they wake the keeper anyway.
+const MAX_DEFERRED: usize = 1024;
+
+/// The handle a `Locker` keeps: the command queue, and the task, started on first
 /// use (it needs a runtime).
+///
+/// Commands are served in the order sent, but not every command wakes the task.
+/// A new lease (`Hold`) needs the keeper only by its first renewal, so it wakes
+/// the task only if that comes before the task's next timer; forgetting a
+/// released lease (`Forget`) never needs to. Both wait in the queue until the
+/// task wakes for something else, or until [`MAX_DEFERRED`] commands wait. An
+/// uncontended acquire and release then cost no task wake-up at all (each would
+/// unpark a worker thread on a multi-threaded runtime).
 #[derive(Debug)]
 pub(crate) struct Keeper {
-    tx: mpsc::UnboundedSender<Cmd>,
-    start: Mutex<Option<(mpsc::UnboundedReceiver<Cmd>, Backend)>>,
+    queue: Arc<Queue>,
+    start: Mutex<Option<Backend>>,
+}
+
+/// The commands waiting for the keeper task, and when it will wake by itself.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    cmds: Vec<Cmd>,
+    /// Asleep until this instant (`None`: awake, or asleep with no timer while
+    /// `asleep` says so).
+    armed: Option<Instant>,
+    asleep: bool,
+    /// Every `Locker` handle is gone: finish.
+    orphaned: bool,
+    /// The task finished (or its runtime dropped it): sends fail.
+    gone: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the waiting commands; the task is awake until it arms again.
+    fn take(&self) -> (Vec<Cmd>, bool) {
+        let mut q = self.lock();
+        q.asleep = false;
+        q.armed = None;
+        (std::mem::take(&mut q.cmds), q.orphaned)
+    }
+
+    /// Records that the task sleeps until `until` (or indefinitely), unless
+    /// commands arrived meanwhile (`false`: take them first).
+    fn arm(&self, until: Option<Instant>) -> bool {
+        let mut q = self.lock();
+        if !q.cmds.is_empty() || q.orphaned {
+            return false;
+        }
+        q.asleep = true;
+        q.armed = until;
+        true
+    }
+
+    /// The task ends: later sends fail. Returns what was still queued.
+    fn finish(&self) -> Vec<Cmd> {
+        let mut q = self.lock();
+        q.gone = true;
+        std::mem::take(&mut q.cmds)
+    }
+}
+
+/// Marks the queue gone when the task ends, also when its runtime drops it.
+struct Finish(Arc<Queue>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.0.lock().gone = true;
+    }
 }
 
 impl Keeper {
     pub(crate) fn new(backend: Backend) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         Keeper {
-            tx,
-            start: Mutex::new(Some((rx, backend))),
+            queue: Arc::default(),
+            start: Mutex::new(Some(backend)),
         }
     }
 
@@ -141,12 +213,46 @@ impl Keeper {
                 let Ok(rt) = tokio::runtime::Handle::try_current() else {
                     return false;
                 };
-                if let Some((rx, backend)) = start.take() {
-                    rt.spawn(run(rx, backend));
+                if let Some(backend) = start.take() {
+                    let queue = Arc::clone(&self.queue);
+                    rt.spawn(run(queue, backend));
                 }
             }
         }
-        self.tx.send(cmd).is_ok()
+        // When the keeper must see this command: `None` for never on its own.
+        let due = match &cmd {
+            Cmd::Hold {
+                valid_until,
+                renew_every,
+                validity,
+                max_hold_at,
+                ..
+            } => {
+                let first_renewal = *valid_until - *validity + *renew_every;
+                let due = first_renewal.min(*valid_until);
+                Some(max_hold_at.map_or(due, |m| due.min(m)))
+            }
+            Cmd::Forget { .. } => None,
+            Cmd::Release { .. } | Cmd::Check { .. } | Cmd::Close { .. } => Some(Instant::now()),
+        };
+        let mut q = self.queue.lock();
+        if q.gone {
+            return false;
+        }
+        q.cmds.push(cmd);
+        let wake = q.asleep
+            && (q.cmds.len() >= MAX_DEFERRED
+                || match (due, q.armed) {
+                    (Some(due), Some(armed)) => due < armed,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                });
+        if wake {
+            q.asleep = false;
+            drop(q);
+            self.queue.wake.notify_one();
+        }
+        true
     }
 
     /// True once the task was started.
@@ -155,6 +261,13 @@ impl Keeper {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_none()
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.queue.lock().orphaned = true;
+        self.queue.wake.notify_one();
     }
 }
 
@@ -193,7 +306,8 @@ struct State {
     closed: bool,
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
+async fn run(queue: Arc<Queue>, backend: Backend) {
+    let _finish = Finish(Arc::clone(&queue));
     let mut st = State {
         backend,
         entries: HashMap::new(),
@@ -202,16 +316,33 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
         releases: JoinSet::new(),
         closed: false,
     };
-    let mut closers = Vec::new();
-    let closed = loop {
+    // Commands queued behind a `Close`, served as after a close.
+    let mut after_close = Vec::new();
+    let closed = 'serve: loop {
+        let (cmds, orphaned) = queue.take();
+        let mut cmds = cmds.into_iter();
+        while let Some(cmd) = cmds.next() {
+            match cmd {
+                Cmd::Close { reply } => {
+                    after_close.extend(cmds);
+                    break 'serve Some(reply);
+                }
+                cmd => st.command(cmd),
+            }
+        }
+        if orphaned {
+            break None;
+        }
+        if st.timers.first().is_some_and(|(t, _)| *t <= Instant::now()) {
+            st.due();
+        }
         let next = st.timers.first().map(|(t, _)| *t);
+        if !queue.arm(next) {
+            continue;
+        }
         tokio::select! {
-            cmd = rx.recv() => match cmd {
-                Some(Cmd::Close { reply }) => break Some(reply),
-                Some(cmd) => st.command(cmd),
-                None => break None,
-            },
-            () = sleep_until(next) => st.due(),
+            () = queue.wake.notified() => {}
+            () = sleep_until(next) => {}
             Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
                 st.renewed(sent, ids, result);
             }
@@ -220,11 +351,11 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, backend: Backend) {
     };
     // Closed, or every Locker handle and guard is gone: release what is left and
     // finish. Commands already queued are served as after a close (a lease
-    // registered concurrently is released); later ones find the channel closed
-    // and their senders release or fail by themselves.
+    // registered concurrently is released); later sends fail, and their senders
+    // release or fail by themselves.
     st.close_all();
-    rx.close();
-    while let Some(cmd) = rx.recv().await {
+    let mut closers = Vec::new();
+    for cmd in after_close.into_iter().chain(queue.finish()) {
         match cmd {
             Cmd::Close { reply } => closers.push(reply),
             cmd => st.command(cmd),
