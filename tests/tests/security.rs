@@ -15,7 +15,7 @@ use distlock_tests::RedisServer;
 /// only the commands distlock sends (scripts run with the user's permissions).
 const ACL: &str = "on >lock-secret resetkeys ~distlock:* resetchannels &distlock:* -@all \
     +ping +info +evalsha +eval +script|load +subscribe +unsubscribe \
-    +publish +set +get +del +exists +pexpire +pttl +type +time +zadd +zrem +zscore \
+    +publish +set +get +incr +del +exists +pexpire +pttl +type +time +zadd +zrem +zscore \
     +zrange +zcard +zremrangebyscore";
 
 async fn acl_server() -> RedisServer {
