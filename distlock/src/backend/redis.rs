@@ -590,20 +590,30 @@ impl RedisBackend {
 
     /// The connection in slot `i`, checking one out of the pool if it is empty.
     async fn conn_at(&self, i: usize) -> Result<(usize, Conn)> {
-        let s = &self.shared;
-        if s.shutdown.is_cancelled() {
+        if self.shared.shutdown.is_cancelled() {
             return Err(Error::Closed);
         }
-        let filled = || {
-            s.slots[i]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .map(Checked::conn)
-        };
-        if let Some(c) = filled() {
+        if let Some(c) = self.filled(i) {
             return Ok((i, c));
         }
+        // Boxed: checking out and identifying a connection takes futures of
+        // several kilobytes, which would otherwise sit inside every operation's
+        // future (and be copied with it) for a path taken once per connection.
+        Box::pin(self.refill(i)).await
+    }
+
+    /// The connection in slot `i`, if the slot holds one.
+    fn filled(&self, i: usize) -> Option<Conn> {
+        self.shared.slots[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(Checked::conn)
+    }
+
+    /// Fills the empty slot `i` from the pool.
+    async fn refill(&self, i: usize) -> Result<(usize, Conn)> {
+        let s = &self.shared;
         let no_connection = || Error::Unavailable {
             context: format!(
                 "no connection within {}",
@@ -617,7 +627,7 @@ impl RedisBackend {
         let _refill = tokio::time::timeout_at(deadline, s.refills[i].lock())
             .await
             .map_err(|_| no_connection())?;
-        if let Some(c) = filled() {
+        if let Some(c) = self.filled(i) {
             return Ok((i, c));
         }
         let obj = tokio::time::timeout_at(deadline, s.pool.get())
