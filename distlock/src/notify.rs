@@ -61,14 +61,15 @@ impl Channel {
         self.tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Records a release message; `false` if it was seen already.
-    fn first_news(&mut self, hash: u64) -> bool {
+    /// Wakes the waiters for the release whose message hashes to `hash`,
+    /// unless that release woke them already.
+    fn wake_once(&mut self, hash: u64) {
         if self.recent.contains(&hash) {
-            return false;
+            return;
         }
         self.recent[self.next] = hash;
         self.next = (self.next + 1) % RECENT;
-        true
+        self.wake();
     }
 }
 
@@ -180,9 +181,7 @@ impl Hub {
     pub(crate) fn notify_message(&self, channel: &str, payload: &[u8]) {
         let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get_mut(channel) {
-            if c.first_news(self.hasher.hash_one(payload)) {
-                c.wake();
-            }
+            c.wake_once(self.hasher.hash_one(payload));
         }
     }
 
@@ -200,9 +199,7 @@ impl Hub {
                 return;
             }
             c.streak += 1;
-            if c.first_news(self.hasher.hash_one(token.as_bytes())) {
-                c.wake();
-            }
+            c.wake_once(self.hasher.hash_one(token.as_bytes()));
         }
     }
 

@@ -77,18 +77,13 @@ local nowms = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
 const ACQUIRE_EXCLUSIVE: &str = concat!(
     "local FENCE, FTTL = 2, 3\n",
     r"
-local kind
-if #KEYS == 2 then
-  if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if #KEYS == 2 and redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 ",
     mint_fence!("redis.call('del', KEYS[1])"),
     r"
-    return {1, f}
-  end
-  kind = redis.call('type', KEYS[1])['ok']
-else
-  kind = redis.call('type', KEYS[1])['ok']
+  return {1, f}
 end
+local kind = redis.call('type', KEYS[1])['ok']
 if kind ~= 'string' and kind ~= 'none' then return {2, kind} end
 if kind == 'string' then
   if redis.call('get', KEYS[1]) == ARGV[1] then
