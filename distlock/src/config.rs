@@ -32,9 +32,10 @@ use crate::builder::LockerBuilder;
 pub struct Config {
     /// One server's URL.
     pub url: Option<String>,
-    /// Redlock servers.
-    #[serde(default)]
-    pub servers: Vec<String>,
+    /// Redlock: the independent servers (as [`LockerBuilder::redlock`];
+    /// `servers` is accepted too).
+    #[serde(default, alias = "servers")]
+    pub redlock: Vec<String>,
     /// Redis Cluster seed nodes.
     #[serde(default)]
     pub cluster: Vec<String>,
@@ -61,12 +62,17 @@ pub struct Config {
     pub key_prefix: Option<String>,
     /// Owner tag.
     pub owner_tag: Option<String>,
+    /// The locker's name in metrics ([`LockerBuilder::name`](crate::LockerBuilder::name)).
+    pub name: Option<String>,
     /// Lease expiry.
     #[serde(default, with = "humantime_serde")]
     pub expiry: Option<Duration>,
     /// Renewal cadence.
     #[serde(default, with = "humantime_serde")]
     pub renew_every: Option<Duration>,
+    /// Clock drift margin: `{ factor = 0.01, floor = "2ms" }` (factor at
+    /// least 0.001, floor at least 1ms).
+    pub drift: Option<DriftConfig>,
     /// Hard hold limit.
     #[serde(default, with = "humantime_serde")]
     pub max_hold: Option<Duration>,
@@ -78,6 +84,10 @@ pub struct Config {
     /// Connecting's time limit.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// Refuse servers whose `maxmemory-policy` is not `noeviction` (see
+    /// [`LockerBuilder::require_noeviction`]).
+    #[serde(default)]
+    pub require_noeviction: bool,
 }
 
 /// `sentinel = { urls = [...], master = "..." }`.
@@ -89,6 +99,18 @@ pub struct SentinelConfig {
     pub urls: Vec<String>,
     /// The monitored master's name.
     pub master: String,
+}
+
+/// `drift = { factor = 0.01, floor = "2ms" }`: see [`LockerBuilder::drift`].
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DriftConfig {
+    /// The share of the expiry (at least 0.001, below 0.5).
+    pub factor: f64,
+    /// The fixed part (at least 1ms).
+    #[serde(with = "humantime_serde")]
+    pub floor: Duration,
 }
 
 /// `retry_backoff = { min = "50ms", max = "1s" }`.
@@ -118,8 +140,8 @@ impl Config {
         if let Some(url) = self.url {
             b = b.url(url);
         }
-        if !self.servers.is_empty() {
-            b = b.servers(self.servers);
+        if !self.redlock.is_empty() {
+            b = b.redlock(self.redlock);
         }
         if !self.cluster.is_empty() {
             b = b.cluster(self.cluster);
@@ -157,11 +179,17 @@ impl Config {
         if let Some(v) = self.owner_tag {
             b = b.owner_tag(v);
         }
+        if let Some(v) = self.name {
+            b = b.name(v);
+        }
         if let Some(v) = self.expiry {
             b = b.expiry(v);
         }
         if let Some(v) = self.renew_every {
             b = b.renew_every(v);
+        }
+        if let Some(d) = self.drift {
+            b = b.drift(d.factor, d.floor);
         }
         if let Some(v) = self.max_hold {
             b = b.max_hold(v);
@@ -175,7 +203,7 @@ impl Config {
         if let Some(v) = self.connect_timeout {
             b = b.connect_timeout(v);
         }
-        b
+        b.require_noeviction(self.require_noeviction)
     }
 }
 
@@ -203,7 +231,32 @@ mod tests {
         let config: Config =
             serde_json::from_str(r#"{ "memory": true, "expiry": "10ms" }"#).unwrap();
         let err = config.into_builder().build().await.unwrap_err();
-        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_zero_drift_margin_is_refused() {
+        for drift in [
+            r#"{ "factor": 0.0, "floor": "0ms" }"#,
+            r#"{ "factor": 0.0, "floor": "2ms" }"#,
+            r#"{ "factor": 0.01, "floor": "0ms" }"#,
+        ] {
+            let json = format!(r#"{{ "memory": true, "drift": {drift} }}"#);
+            let config: Config = serde_json::from_str(&json).unwrap();
+            let err = config.into_builder().build().await.unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{drift}: {err}");
+        }
+        let config: Config = serde_json::from_str(
+            r#"{ "memory": true, "drift": { "factor": 0.001, "floor": "1ms" } }"#,
+        )
+        .unwrap();
+        config.into_builder().build().await.unwrap();
+    }
+
+    #[test]
+    fn require_noeviction_reaches_the_builder() {
+        let config: Config = serde_json::from_str(r#"{ "require_noeviction": true }"#).unwrap();
+        assert!(format!("{config:?}").contains("require_noeviction: true"));
     }
 
     #[test]

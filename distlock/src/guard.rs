@@ -12,8 +12,9 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::{Error, LostReason, Result};
-use crate::keeper::{Cmd, LeaseState};
-use crate::key::Kind;
+use crate::keeper::Cmd;
+use crate::key::LockKind;
+use crate::lease::LeaseState;
 use crate::locker::Locker;
 
 /// A held lock. The lease renews itself in the background until the guard is
@@ -26,7 +27,7 @@ use crate::locker::Locker;
 /// # Examples
 ///
 /// ```
-/// # async fn main_() -> Result<(), distlock::Error> {
+/// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
 /// let locker = distlock::Locker::memory();
 /// let guard = locker.lock("invoice:42").acquire().await?;
 /// println!("fencing token {}", guard.fencing_token());
@@ -36,13 +37,14 @@ use crate::locker::Locker;
 /// }
 /// guard.release().await?;
 /// # Ok(()) }
-/// # tokio::runtime::Runtime::new().unwrap().block_on(main_()).unwrap();
 /// ```
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     lease: Arc<LeaseState>,
     locker: Locker,
     armed: bool,
+    /// Dropped, the key is left held until then (the runner's `at_least`).
+    keep_until: Option<Instant>,
 }
 
 impl fmt::Debug for LockGuard {
@@ -61,7 +63,15 @@ impl LockGuard {
             lease,
             locker,
             armed: true,
+            keep_until: None,
         }
+    }
+
+    /// Dropped before `until`, the guard leaves the key held until then
+    /// instead of releasing it (the runner's `at_least`, also when its future
+    /// is dropped mid-work).
+    pub(crate) fn keep_until(&mut self, until: Instant) {
+        self.keep_until = Some(until);
     }
 
     pub(crate) fn state(&self) -> &Arc<LeaseState> {
@@ -83,6 +93,114 @@ impl LockGuard {
     /// The lease expiry (how long the key lives on the server without a renewal).
     pub fn expiry(&self) -> Duration {
         self.lease.expiry
+    }
+
+    /// How long until this process considers the lease lost unless a renewal
+    /// is confirmed first: the time to the local validity deadline (the
+    /// instant the last confirmed acquire or renewal request was *sent*, plus
+    /// the TTL it set, less the drift margin), or to the hold limit if that
+    /// comes sooner. Zero once the lease is lost.
+    ///
+    /// This is the local view, on the monotonic clock, with no round trip: it
+    /// is always earlier than the key's expiry on the server (which
+    /// [`Locker::inspect`] reports), so that the lost signal fires before any
+    /// other client could take the lock. While renewals succeed it moves
+    /// forward at every renewal.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let locker = distlock::Locker::memory();
+    /// let guard = locker.lock("report").acquire().await?;
+    /// assert!(guard.expires_in() <= guard.expiry());
+    /// assert!(guard.expires_in() > Duration::from_secs(20)); // 30 s by default
+    /// # Ok(()) }
+    /// ```
+    pub fn expires_in(&self) -> Duration {
+        if self.is_lost() {
+            return Duration::ZERO;
+        }
+        self.lease.deadline().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// Extends the lease so that its key lives on the server at least `by`
+    /// from now, in one round trip, and keeps it at least that long: the
+    /// renewals that follow set the key's TTL to reach that far too (never
+    /// less than the lease's expiry), until it has passed. For work whose
+    /// length you know in advance (a long step ahead: extend before it), or a
+    /// lease managed by hand. An extension never shortens a lease: `by`
+    /// shorter than what the key has left changes nothing but renews it.
+    ///
+    /// On success the local validity deadline ([`expires_in`]) moves to the
+    /// time the request was sent plus `by`, less the drift margin for `by`:
+    /// still earlier than the server's expiry, so the lost signal keeps
+    /// firing before another client could take the lock. The lease is still
+    /// renewed every renewal period; extensions and renewals are sent one at
+    /// a time, so a renewal can never land after an extension and cut it
+    /// short.
+    ///
+    /// [`expires_in`]: LockGuard::expires_in
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let locker = distlock::Locker::memory();
+    /// let guard = locker.lock("nightly-export").acquire().await?;
+    /// guard.extend(Duration::from_secs(600)).await?; // the slow part is next
+    /// assert!(guard.expires_in() > Duration::from_secs(500));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] if the lease is gone (another owner holds the key, it
+    /// expired, or it was lost before); [`Error::Config`] if `by` is longer
+    /// than [`MAX_EXPIRY`](crate::MAX_EXPIRY); [`Error::Closed`] if the
+    /// locker was closed; [`Error::Unavailable`] (or another backend error)
+    /// if the server did not answer: the extension may then have happened or
+    /// not, and the renewals keep trying to reach it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel the extension: once asked for,
+    /// the renewals keep the key alive for `by` (or the lease is released
+    /// or lost first).
+    pub async fn extend(&self, by: Duration) -> Result<()> {
+        if by > crate::MAX_EXPIRY {
+            return Err(Error::config(format!(
+                "cannot extend a lease by {}: the longest is {}",
+                crate::options::fmt(by),
+                crate::options::fmt(crate::MAX_EXPIRY)
+            )));
+        }
+        if let Some(reason) = self.lease.lost_reason() {
+            return Err(self.lease.lost_error(reason));
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = self.locker.keeper().send(Cmd::Extend {
+            lease: Arc::clone(&self.lease),
+            by,
+            reply: tx,
+        });
+        if !sent {
+            return Err(Error::Closed);
+        }
+        match rx.await {
+            Ok(result) => result,
+            // The keeper let the lease go (lost, or closed) before answering.
+            Err(_) => Err(match self.lease.lost_reason() {
+                Some(reason) => self.lease.lost_error(reason),
+                None => Error::Closed,
+            }),
+        }
     }
 
     /// A future that completes, with the reason, when the lease is lost. It never
@@ -109,14 +227,18 @@ impl LockGuard {
 
     /// Releases the lock and wakes its waiters.
     ///
-    /// Cancel safe: if this future is dropped, the release still happens.
-    ///
     /// # Errors
     ///
     /// [`Error::Lost`] if the lease was lost before the release (the critical
     /// section may have overlapped with another owner's), [`Error::Unavailable`]
     /// or another backend error if Redis could not be told (the key then expires
     /// by itself).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if this future is dropped, the release still happens
+    /// (the keeper carries it out); only its outcome is not reported, and no
+    /// lost signal fires for it.
     pub async fn release(self) -> Result<()> {
         self.finish(None).await
     }
@@ -169,6 +291,7 @@ impl LockGuard {
     /// The key expires by itself if nobody does.
     pub fn detach(mut self) -> Lease {
         self.armed = false;
+        self.lease.uncount_held();
         self.locker.keeper().send(Cmd::Forget { id: self.lease.id });
         Lease {
             key: self.lease.keys.name.clone(),
@@ -185,7 +308,7 @@ impl Drop for LockGuard {
         if self.armed {
             self.locker.keeper().send(Cmd::Release {
                 lease: Arc::clone(&self.lease),
-                keep_until: None,
+                keep_until: self.keep_until,
                 reply: None,
             });
         }
@@ -205,6 +328,7 @@ impl Handover<'_> {
     /// The release is over: the keeper only forgets the lease.
     fn done(mut self) {
         if let Some(lease) = self.lease.take() {
+            lease.uncount_held();
             self.locker.keeper().send(Cmd::Forget { id: lease.id });
         }
     }
@@ -269,7 +393,7 @@ impl Future for Lost {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Lease {
     key: String,
-    kind: Kind,
+    kind: LockKind,
     token: String,
     fencing_token: u64,
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -303,7 +427,7 @@ impl Lease {
     pub(crate) fn token(&self) -> &str {
         &self.token
     }
-    pub(crate) fn kind(&self) -> Kind {
+    pub(crate) fn kind(&self) -> LockKind {
         self.kind
     }
 }

@@ -8,8 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
@@ -17,78 +16,14 @@ use futures_util::StreamExt;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, Renewal};
-use crate::error::{Error, LostReason, Result};
-use crate::key::Keys;
+use crate::error::{Chain, Error, LostReason, Result};
+use crate::lease::LeaseState;
 use crate::obs;
 
 /// Leases due for renewal within this window of each other are renewed together.
 const COALESCE: Duration = Duration::from_millis(25);
-
-/// The state of one held lease shared by its guard and the keeper.
-#[derive(Debug)]
-pub(crate) struct LeaseState {
-    pub(crate) id: u64,
-    pub(crate) keys: Keys,
-    pub(crate) token: String,
-    pub(crate) fence: u64,
-    pub(crate) expiry: Duration,
-    pub(crate) acquired_at: Instant,
-    lost: CancellationToken,
-    reason: OnceLock<LostReason>,
-    /// Set when its guard started releasing it: a renewal that then finds the
-    /// key gone is the release, not a theft.
-    releasing: AtomicBool,
-}
-
-impl LeaseState {
-    pub(crate) fn new(id: u64, keys: Keys, token: String, fence: u64, expiry: Duration) -> Self {
-        LeaseState {
-            id,
-            keys,
-            token,
-            fence,
-            expiry,
-            acquired_at: Instant::now(),
-            lost: CancellationToken::new(),
-            reason: OnceLock::new(),
-            releasing: AtomicBool::new(false),
-        }
-    }
-
-    pub(crate) fn set_releasing(&self) {
-        self.releasing.store(true, Ordering::Relaxed);
-    }
-
-    fn is_releasing(&self) -> bool {
-        self.releasing.load(Ordering::Relaxed)
-    }
-
-    /// Records the loss (the first reason wins) and fires the lost signal.
-    pub(crate) fn mark_lost(&self, reason: LostReason) {
-        if self.reason.set(reason).is_ok() {
-            obs::lost(&self.keys.name, reason);
-            self.lost.cancel();
-        }
-    }
-
-    pub(crate) fn lost_reason(&self) -> Option<LostReason> {
-        self.reason.get().copied()
-    }
-
-    pub(crate) fn lost_token(&self) -> &CancellationToken {
-        &self.lost
-    }
-
-    pub(crate) fn lost_error(&self, reason: LostReason) -> Error {
-        Error::Lost {
-            key: crate::error::shorten(&self.keys.name),
-            reason,
-        }
-    }
-}
 
 /// What a guard or the locker asks of the keeper.
 #[derive(Debug)]
@@ -107,6 +42,22 @@ pub(crate) enum Cmd {
         keep_until: Option<Instant>,
         reply: Option<oneshot::Sender<Result<()>>>,
     },
+    /// Release a lease already marked lost (or about to be), whose keeper task
+    /// its runtime dropped: left to the next task.
+    Discard {
+        lease: Arc<LeaseState>,
+        keep_until: Option<Instant>,
+    },
+    /// Extend this lease now so that its key lives at least `by` from now on
+    /// the server, and keep it at least that long through later renewals;
+    /// answer when the server confirmed (see [`LockGuard::extend`]).
+    ///
+    /// [`LockGuard::extend`]: crate::LockGuard::extend
+    Extend {
+        lease: Arc<LeaseState>,
+        by: Duration,
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// Stop renewing without releasing (detach).
     Forget { id: u64 },
     /// Renew every lease on this lock name now (after a force-unlock).
@@ -118,8 +69,8 @@ pub(crate) enum Cmd {
 /// How many deferred commands may wait before they wake the keeper anyway.
 const MAX_DEFERRED: usize = 1024;
 
-/// The handle a `Locker` keeps: the command queue, and the task, started on first
-/// use (it needs a runtime).
+/// The handle a `Locker` keeps: the command queue of its keeper task, started on
+/// first use on the runtime of the caller.
 ///
 /// Commands are served in the order sent, but not every command wakes the task.
 /// A new lease (`Hold`) needs the keeper only by its first renewal, so it wakes
@@ -128,10 +79,17 @@ const MAX_DEFERRED: usize = 1024;
 /// task wakes for something else, or until [`MAX_DEFERRED`] commands wait. An
 /// uncontended acquire and release then cost no task wake-up at all (each would
 /// unpark a worker thread on a multi-threaded runtime).
+///
+/// A runtime that shuts down drops the task, even one it never polled. Every
+/// lease the task was keeping (or had not seen yet) then has its lost signal
+/// fired with [`LostReason::RuntimeShutdown`] at once, and is handed, with
+/// every command left unserved, to the next task: the next command sent from
+/// a live runtime starts it there. So a `Locker` works from one runtime after
+/// another, and no guard is ever left unkept without being told.
 #[derive(Debug)]
 pub(crate) struct Keeper {
-    queue: Arc<Queue>,
-    start: Mutex<Option<Backend>>,
+    backend: Backend,
+    queue: Mutex<Arc<Queue>>,
 }
 
 /// The commands waiting for the keeper task, and when it will wake by itself.
@@ -148,10 +106,15 @@ struct QueueState {
     /// `asleep` says so).
     armed: Option<Instant>,
     asleep: bool,
+    /// A task was spawned for this queue.
+    spawned: bool,
     /// Every `Locker` handle is gone: finish.
     orphaned: bool,
-    /// The task finished (or its runtime dropped it): sends fail.
+    /// The task finished (closed or orphaned): sends fail.
     gone: bool,
+    /// The task's runtime dropped it before it finished: `cmds` are left for a
+    /// successor.
+    abandoned: bool,
 }
 
 impl Queue {
@@ -187,40 +150,107 @@ impl Queue {
     }
 }
 
-/// Marks the queue gone when the task ends, also when its runtime drops it.
-struct Finish(Arc<Queue>);
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        self.0.lock().gone = true;
-    }
-}
-
 impl Keeper {
     pub(crate) fn new(backend: Backend) -> Self {
         Keeper {
-            queue: Arc::default(),
-            start: Mutex::new(Some(backend)),
+            backend,
+            queue: Mutex::new(Arc::default()),
         }
     }
 
-    /// Sends a command, starting the task if needed. `false` if the keeper is gone
-    /// (its runtime shut down) or cannot start (no runtime).
-    pub(crate) fn send(&self, cmd: Cmd) -> bool {
-        {
-            let mut start = self.start.lock().unwrap_or_else(PoisonError::into_inner);
-            if start.is_some() {
-                let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                    return false;
-                };
-                if let Some(backend) = start.take() {
-                    let queue = Arc::clone(&self.queue);
-                    rt.spawn(run(queue, backend));
-                }
-            }
+    /// The queue of a running task, starting one on the caller's runtime if
+    /// none runs yet or the last one's runtime dropped it. `None` if the keeper
+    /// finished (closed) or no runtime is at hand.
+    fn running(&self) -> Option<Arc<Queue>> {
+        let mut current = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let (spawned, abandoned, gone) = {
+            let q = current.lock();
+            (q.spawned, q.abandoned, q.gone)
+        };
+        if spawned && !abandoned {
+            return (!gone).then(|| Arc::clone(&current));
         }
-        // When the keeper must see this command: `None` for never on its own.
-        let due = match &cmd {
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        if abandoned {
+            // What the dropped task left, in order, goes to its successor.
+            let next = Queue::default();
+            {
+                let mut old = current.lock();
+                let mut q = next.lock();
+                q.cmds = std::mem::take(&mut old.cmds);
+                q.orphaned = old.orphaned;
+            }
+            *current = Arc::new(next);
+        }
+        current.lock().spawned = true;
+        let task = Task::new(Arc::clone(&current), self.backend.clone());
+        rt.spawn(task.run());
+        Some(Arc::clone(&current))
+    }
+
+    /// Sends a command, starting the task if needed. `false` if the keeper has
+    /// finished (closed) or cannot start (no runtime).
+    pub(crate) fn send(&self, cmd: Cmd) -> bool {
+        let Some(queue) = self.running() else {
+            return false;
+        };
+        let due = cmd.due(Instant::now());
+        let mut q = queue.lock();
+        if q.gone {
+            return false;
+        }
+        if q.abandoned {
+            // The runtime dropped the task just now: leave the command to its
+            // successor, as the task would have.
+            q.cmds.push(cmd.abandon());
+            return true;
+        }
+        q.cmds.push(cmd);
+        let wake = must_wake(q.asleep, q.cmds.len(), due, q.armed);
+        if wake {
+            q.asleep = false;
+            drop(q);
+            queue.wake.notify_one();
+        }
+        true
+    }
+
+    /// True once a task was started (it shuts the backend down when it ends).
+    pub(crate) fn started(&self) -> bool {
+        let current = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let q = current.lock();
+        q.spawned && !q.abandoned
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        let current = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        current.lock().orphaned = true;
+        current.wake.notify_one();
+    }
+}
+
+/// The wake-deferral rule: whether sending a command due at `due` (`None`:
+/// never on its own) must wake a keeper that is `asleep` with its timer
+/// `armed` for that instant (`None`: no timer), `queued` commands waiting
+/// now (this one included).
+fn must_wake(asleep: bool, queued: usize, due: Option<Instant>, armed: Option<Instant>) -> bool {
+    asleep
+        && (queued >= MAX_DEFERRED
+            || match (due, armed) {
+                (Some(due), Some(armed)) => due < armed,
+                (Some(_), None) => true,
+                (None, _) => false,
+            })
+}
+
+impl Cmd {
+    /// When the keeper must see this command, sent at `now`: a new lease by
+    /// its first renewal (or its hold limit), a forgotten one never on its own
+    /// (`None`), anything else at once.
+    fn due(&self, now: Instant) -> Option<Instant> {
+        match self {
             Cmd::Hold {
                 valid_until,
                 renew_every,
@@ -233,41 +263,27 @@ impl Keeper {
                 Some(max_hold_at.map_or(due, |m| due.min(m)))
             }
             Cmd::Forget { .. } => None,
-            Cmd::Release { .. } | Cmd::Check { .. } | Cmd::Close { .. } => Some(Instant::now()),
-        };
-        let mut q = self.queue.lock();
-        if q.gone {
-            return false;
+            Cmd::Release { .. }
+            | Cmd::Discard { .. }
+            | Cmd::Check { .. }
+            | Cmd::Extend { .. }
+            | Cmd::Close { .. } => Some(now),
         }
-        q.cmds.push(cmd);
-        let wake = q.asleep
-            && (q.cmds.len() >= MAX_DEFERRED
-                || match (due, q.armed) {
-                    (Some(due), Some(armed)) => due < armed,
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                });
-        if wake {
-            q.asleep = false;
-            drop(q);
-            self.queue.wake.notify_one();
-        }
-        true
     }
 
-    /// True once the task was started.
-    pub(crate) fn started(&self) -> bool {
-        self.start
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
-    }
-}
-
-impl Drop for Keeper {
-    fn drop(&mut self) {
-        self.queue.lock().orphaned = true;
-        self.queue.wake.notify_one();
+    /// This command as left to the next task when its runtime dropped the one
+    /// it was sent to: a lease to keep is lost by then.
+    fn abandon(self) -> Cmd {
+        match self {
+            Cmd::Hold { lease, .. } => {
+                lease.mark_lost(LostReason::RuntimeShutdown);
+                Cmd::Discard {
+                    lease,
+                    keep_until: None,
+                }
+            }
+            cmd => cmd,
+        }
     }
 }
 
@@ -277,12 +293,45 @@ struct Entry {
     valid_until: Instant,
     max_hold_at: Option<Instant>,
     renew_every: Duration,
-    validity: Duration,
     in_flight: bool,
     wake: Instant,
+    /// The server TTL the renewal in flight asked for.
+    ttl: Duration,
+    /// The latest instant the user asked the key to live until
+    /// ([`Cmd::Extend`]): renewals set the TTL to reach at least this far.
+    floor: Option<Instant>,
+    /// Extensions asked for since the renewal in flight was sent: the next
+    /// renewal answers them.
+    extends: Vec<oneshot::Sender<Result<()>>>,
+    /// Extensions the renewal in flight answers.
+    covered: Vec<oneshot::Sender<Result<()>>>,
+}
+
+/// A lease leaves the held-leases gauge when the keeper lets it go.
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.lease.uncount_held();
+    }
 }
 
 impl Entry {
+    /// Publishes when the lost signal fires unless a renewal is confirmed
+    /// first, for [`LockGuard::expires_in`](crate::LockGuard::expires_in).
+    fn publish_deadline(&self) {
+        let deadline = self
+            .max_hold_at
+            .map_or(self.valid_until, |m| m.min(self.valid_until));
+        self.lease.set_deadline(deadline);
+    }
+
+    /// The TTL a renewal sent at `now` asks for: the lease's expiry, or more
+    /// to reach the floor an extension set.
+    fn ttl_at(&self, now: Instant) -> Duration {
+        let expiry = self.lease.expiry;
+        self.floor
+            .map_or(expiry, |f| expiry.max(f.saturating_duration_since(now)))
+    }
+
     fn next_wake(&self) -> Instant {
         let mut w = self.valid_until;
         if !self.in_flight {
@@ -302,69 +351,128 @@ struct State {
     entries: HashMap<u64, Entry>,
     timers: BTreeSet<(Instant, u64)>,
     batches: FuturesUnordered<Batch>,
-    releases: JoinSet<()>,
+    releases: JoinSet<u64>,
+    /// The leases whose release is in flight in `releases`, by id.
+    releasing: HashMap<u64, (Arc<LeaseState>, Option<Instant>)>,
     closed: bool,
 }
 
-async fn run(queue: Arc<Queue>, backend: Backend) {
-    let _finish = Finish(Arc::clone(&queue));
-    let mut st = State {
-        backend,
-        entries: HashMap::new(),
-        timers: BTreeSet::new(),
-        batches: FuturesUnordered::new(),
-        releases: JoinSet::new(),
-        closed: false,
-    };
-    // Commands queued behind a `Close`, served as after a close.
-    let mut after_close = Vec::new();
-    let closed = 'serve: loop {
-        let (cmds, orphaned) = queue.take();
-        let mut cmds = cmds.into_iter();
-        while let Some(cmd) = cmds.next() {
-            match cmd {
-                Cmd::Close { reply } => {
-                    after_close.extend(cmds);
-                    break 'serve Some(reply);
+/// The keeper task: its queue and state. Dropped before it finished (its
+/// runtime shut down, perhaps before ever polling it), it fires the lost signal
+/// of every lease it kept and leaves their release, and every command it had
+/// not served, to the next task (see [`Keeper`]).
+struct Task {
+    queue: Arc<Queue>,
+    st: State,
+    finished: bool,
+}
+
+impl Task {
+    fn new(queue: Arc<Queue>, backend: Backend) -> Self {
+        Task {
+            queue,
+            st: State {
+                backend,
+                entries: HashMap::new(),
+                timers: BTreeSet::new(),
+                batches: FuturesUnordered::new(),
+                releases: JoinSet::new(),
+                releasing: HashMap::new(),
+                closed: false,
+            },
+            finished: false,
+        }
+    }
+
+    async fn run(mut self) {
+        let (queue, st) = (&self.queue, &mut self.st);
+        // Commands queued behind a `Close`, served as after a close.
+        let mut after_close = Vec::new();
+        let closed = 'serve: loop {
+            let (cmds, orphaned) = queue.take();
+            let mut cmds = cmds.into_iter();
+            while let Some(cmd) = cmds.next() {
+                match cmd {
+                    Cmd::Close { reply } => {
+                        after_close.extend(cmds);
+                        break 'serve Some(reply);
+                    }
+                    cmd => st.command(cmd),
                 }
+            }
+            if orphaned {
+                break None;
+            }
+            if st.timers.first().is_some_and(|(t, _)| *t <= Instant::now()) {
+                st.due();
+            }
+            let next = st.timers.first().map(|(t, _)| *t);
+            if !queue.arm(next) {
+                continue;
+            }
+            tokio::select! {
+                () = queue.wake.notified() => {}
+                () = sleep_until(next) => {}
+                Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
+                    st.renewed(sent, ids, result);
+                }
+                Some(done) = st.releases.join_next(), if !st.releases.is_empty() => {
+                    st.released(done);
+                }
+            }
+        };
+        // Closed, or every Locker handle and guard is gone: release what is left
+        // and finish. Commands already queued are served as after a close (a
+        // lease registered concurrently is released); later sends fail, and
+        // their senders release or fail by themselves.
+        st.close_all();
+        let mut closers = Vec::new();
+        for cmd in after_close.into_iter().chain(queue.finish()) {
+            match cmd {
+                Cmd::Close { reply } => closers.push(reply),
                 cmd => st.command(cmd),
             }
         }
-        if orphaned {
-            break None;
+        while let Some(done) = st.releases.join_next().await {
+            st.released(done);
         }
-        if st.timers.first().is_some_and(|(t, _)| *t <= Instant::now()) {
-            st.due();
+        // Those releases answered on a majority: the rest finish first.
+        st.backend.settle(st.backend.attempt_bound()).await;
+        st.backend.shutdown();
+        for reply in closed.into_iter().chain(closers) {
+            let _ = reply.send(());
         }
-        let next = st.timers.first().map(|(t, _)| *t);
-        if !queue.arm(next) {
-            continue;
-        }
-        tokio::select! {
-            () = queue.wake.notified() => {}
-            () = sleep_until(next) => {}
-            Some((sent, ids, result)) = st.batches.next(), if !st.batches.is_empty() => {
-                st.renewed(sent, ids, result);
-            }
-            Some(_) = st.releases.join_next(), if !st.releases.is_empty() => {}
-        }
-    };
-    // Closed, or every Locker handle and guard is gone: release what is left and
-    // finish. Commands already queued are served as after a close (a lease
-    // registered concurrently is released); later sends fail, and their senders
-    // release or fail by themselves.
-    st.close_all();
-    let mut closers = Vec::new();
-    for cmd in after_close.into_iter().chain(queue.finish()) {
-        match cmd {
-            Cmd::Close { reply } => closers.push(reply),
-            cmd => st.command(cmd),
-        }
+        self.finished = true;
     }
-    while st.releases.join_next().await.is_some() {}
-    st.backend.shutdown();
-    for reply in closed.into_iter().chain(closers) {
-        let _ = reply.send(());
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // The runtime dropped the task. Whatever it kept is unkept from now on:
+        // say so, and leave the releases to the next task.
+        let mut left = Vec::new();
+        for (_, e) in self.st.entries.drain() {
+            e.lease.mark_lost(LostReason::RuntimeShutdown);
+            left.push(Cmd::Discard {
+                lease: Arc::clone(&e.lease),
+                keep_until: None,
+            });
+        }
+        for (_, (lease, keep_until)) in self.st.releasing.drain() {
+            left.push(Cmd::Discard { lease, keep_until });
+        }
+        let mut q = self.queue.lock();
+        let queued = std::mem::take(&mut q.cmds);
+        left.extend(queued.into_iter().map(Cmd::abandon));
+        if q.gone {
+            // It was closing: nothing more runs for this locker.
+            return;
+        }
+        q.abandoned = true;
+        q.cmds = left;
     }
 }
 
@@ -396,9 +504,12 @@ impl State {
                     valid_until,
                     max_hold_at,
                     renew_every,
-                    validity,
                     in_flight: false,
                     wake: valid_until,
+                    ttl: lease.expiry,
+                    floor: None,
+                    extends: Vec::new(),
+                    covered: Vec::new(),
                     lease,
                 };
                 e.wake = e.next_wake();
@@ -423,6 +534,29 @@ impl State {
                         lease.mark_lost(LostReason::Closed);
                         self.spawn_release(lease, None, reply);
                     }
+                }
+            }
+            Cmd::Discard { lease, keep_until } => {
+                self.remove(lease.id);
+                self.spawn_release(lease, keep_until, None);
+            }
+            Cmd::Extend { lease, by, reply } => {
+                let Some(e) = self.entries.get_mut(&lease.id) else {
+                    let err = match lease.lost_reason() {
+                        Some(reason) => lease.lost_error(reason),
+                        None if self.closed => crate::error::Error::Closed,
+                        None => lease.lost_error(LostReason::Stolen),
+                    };
+                    let _ = reply.send(Err(err));
+                    return;
+                };
+                let until = Instant::now() + by;
+                e.floor = Some(e.floor.map_or(until, |f| f.max(until)));
+                e.extends.push(reply);
+                // A renewal in flight was sent before this request: the
+                // next one, sent when it lands, answers it.
+                if !e.in_flight {
+                    self.renew(vec![lease.id]);
                 }
             }
             Cmd::Forget { id } => {
@@ -450,7 +584,7 @@ impl State {
                 let live = e.lease.lost_reason().is_none();
                 e.lease.mark_lost(LostReason::Closed);
                 if live {
-                    self.spawn_release(e.lease, None, None);
+                    self.spawn_release(Arc::clone(&e.lease), None, None);
                 }
             }
         }
@@ -498,7 +632,7 @@ impl State {
                 // The timer was already popped: take the entry without touching it.
                 if let Some(e) = self.entries.remove(&id) {
                     e.lease.mark_lost(reason);
-                    self.spawn_release(e.lease, None, None);
+                    self.spawn_release(Arc::clone(&e.lease), None, None);
                 }
             } else if !e.in_flight && e.renew_at <= horizon {
                 renew.push(id);
@@ -516,24 +650,29 @@ impl State {
         if ids.is_empty() {
             return;
         }
+        // Taken before the request goes out, and used both for the TTL asked
+        // for and for the deadline it confirms: the server's expiry is at
+        // least `sent + ttl`, so the deadline stays earlier.
+        let sent = Instant::now();
         let mut batch = Vec::with_capacity(ids.len());
         for &id in &ids {
             if let Some(e) = self.entries.get_mut(&id) {
                 self.timers.remove(&(e.wake, id));
                 e.in_flight = true;
+                e.ttl = e.ttl_at(sent);
+                let asked = std::mem::take(&mut e.extends);
+                e.covered.extend(asked);
                 e.wake = e.next_wake();
                 self.timers.insert((e.wake, id));
                 batch.push(Renewal {
-                    key: e.lease.keys.lock.clone(),
-                    shared: e.lease.keys.kind.shared(),
+                    keys: e.lease.keys.clone(),
                     token: e.lease.token.clone(),
-                    ttl: e.lease.expiry,
+                    ttl: e.ttl,
                 });
             }
         }
         let backend = self.backend.clone();
         self.batches.push(Box::pin(async move {
-            let sent = Instant::now();
             let result = backend.extend_many(&batch).await;
             (sent, ids, result)
         }));
@@ -545,26 +684,47 @@ impl State {
             Ok(flags) => {
                 for (id, ok) in ids.into_iter().zip(flags) {
                     if ok {
+                        let mut again = false;
                         if let Some(e) = self.entries.get_mut(&id) {
                             e.in_flight = false;
-                            e.valid_until = e.valid_until.max(sent + e.validity);
+                            // Every renewal since this one was sent asked for
+                            // at least as much (`ttl_at` never goes below an
+                            // earlier floor): the latest deadline stands.
+                            let validity = e.lease.validity_for(e.ttl);
+                            e.valid_until = e.valid_until.max(sent + validity);
                             e.renew_at = sent + e.renew_every;
+                            e.publish_deadline();
+                            for reply in e.covered.drain(..) {
+                                let _ = reply.send(Ok(()));
+                            }
+                            again = !e.extends.is_empty();
                         }
                         self.reschedule(id);
-                    } else if let Some(e) = self.remove(id) {
+                        if again {
+                            self.renew(vec![id]);
+                        }
+                    } else if let Some(mut e) = self.remove(id) {
                         if !e.lease.is_releasing() {
                             e.lease.mark_lost(LostReason::Stolen);
+                        }
+                        let reason = e.lease.lost_reason().unwrap_or(LostReason::Stolen);
+                        for reply in e.covered.drain(..).chain(e.extends.drain(..)) {
+                            let _ = reply.send(Err(e.lease.lost_error(reason)));
                         }
                     }
                 }
             }
             Err(err) => {
-                tracing::debug!(error = %err, leases = ids.len(), "renewal failed; retrying until the validity deadline");
+                tracing::debug!(error = %Chain(&err), leases = ids.len(), "renewal failed; retrying until the validity deadline");
                 let now = Instant::now();
                 for id in ids {
                     if let Some(e) = self.entries.get_mut(&id) {
                         e.in_flight = false;
                         e.renew_at = now + (e.renew_every / 4).min(Duration::from_millis(500));
+                        for reply in e.covered.drain(..) {
+                            let _ = reply
+                                .send(Err(Error::unavailable("extend", Chain(&err).to_string())));
+                        }
                     }
                     self.reschedule(id);
                 }
@@ -579,12 +739,22 @@ impl State {
         reply: Option<oneshot::Sender<Result<()>>>,
     ) {
         let backend = self.backend.clone();
+        let id = lease.id;
+        self.releasing.insert(id, (Arc::clone(&lease), keep_until));
         self.releases.spawn(async move {
             let result = release(&backend, &lease, keep_until).await;
             if let Some(reply) = reply {
                 let _ = reply.send(result);
             }
+            id
         });
+    }
+
+    /// A release task ended (or panicked, or was cancelled).
+    fn released(&mut self, done: std::result::Result<u64, tokio::task::JoinError>) {
+        if let Ok(id) = done {
+            self.releasing.remove(&id);
+        }
     }
 }
 
@@ -598,8 +768,7 @@ pub(crate) async fn release(
     let ours = match keep_until {
         Some(t) if t > now => {
             let batch = [Renewal {
-                key: lease.keys.lock.clone(),
-                shared: lease.keys.kind.shared(),
+                keys: lease.keys.clone(),
                 token: lease.token.clone(),
                 ttl: t - now,
             }];
@@ -610,18 +779,90 @@ pub(crate) async fn release(
         }
         _ => backend.release(&lease.keys, &lease.token).await,
     };
-    obs::released(&lease.keys.name, lease.acquired_at.elapsed());
+    obs::released(&lease.keys.name, &lease.name, lease.acquired_at.elapsed());
     match ours {
         Ok(true) => Ok(()),
         // Someone else holds the key, or it expired: the critical section may
         // have overlapped with another owner's.
         Ok(false) => match lease.lost_reason() {
             Some(reason) => Err(lease.lost_error(reason)),
+            // A release the guard started (in its caller's task) and handed
+            // over when its future was dropped may have run before this one:
+            // the key is gone because it was released, not taken. The work is
+            // over either way, so no signal fires for it.
+            None if lease.is_releasing() => Err(lease.lost_error(LostReason::Stolen)),
             None => {
                 lease.mark_lost(LostReason::Stolen);
                 Err(lease.lost_error(LostReason::Stolen))
             }
         },
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{Keys, LockKind};
+
+    fn hold(now: Instant, max_hold: Option<Duration>) -> Cmd {
+        let keys = Keys::new("t:", "k", LockKind::Mutex).unwrap_or_else(|e| panic!("{e}"));
+        let opts = crate::options::LeaseOptions::default();
+        let lease = Arc::new(LeaseState::new(1, keys, "tok".into(), 1, &opts, None));
+        Cmd::Hold {
+            lease,
+            valid_until: now + Duration::from_millis(29_400),
+            renew_every: Duration::from_secs(10),
+            validity: Duration::from_millis(29_400),
+            max_hold_at: max_hold.map(|m| now + m),
+        }
+    }
+
+    #[test]
+    fn a_new_lease_is_due_at_its_first_renewal_or_its_hold_limit() {
+        let now = Instant::now();
+        assert_eq!(
+            hold(now, None).due(now),
+            Some(now + Duration::from_secs(10))
+        );
+        let limited = hold(now, Some(Duration::from_secs(2)));
+        assert_eq!(limited.due(now), Some(now + Duration::from_secs(2)));
+        assert_eq!(Cmd::Forget { id: 1 }.due(now), None);
+        let check = Cmd::Check { name: "k".into() };
+        assert_eq!(check.due(now), Some(now));
+    }
+
+    #[test]
+    fn only_what_comes_before_the_armed_timer_wakes_a_sleeping_keeper() {
+        let now = Instant::now();
+        let armed = Some(now + Duration::from_secs(5));
+        // A lease first renewed after the timer waits for it.
+        assert!(!must_wake(
+            true,
+            1,
+            Some(now + Duration::from_secs(10)),
+            armed
+        ));
+        // One due earlier, or anything due at once, wakes the keeper.
+        assert!(must_wake(
+            true,
+            1,
+            Some(now + Duration::from_secs(1)),
+            armed
+        ));
+        assert!(must_wake(true, 1, Some(now), armed));
+        // Without a timer, anything with a due time wakes it.
+        assert!(must_wake(
+            true,
+            1,
+            Some(now + Duration::from_secs(10)),
+            None
+        ));
+        // A forgotten lease never does, until too many commands wait.
+        assert!(!must_wake(true, 1, None, armed));
+        assert!(!must_wake(true, 1, None, None));
+        assert!(must_wake(true, MAX_DEFERRED, None, armed));
+        // A keeper that is awake is never woken.
+        assert!(!must_wake(false, MAX_DEFERRED, Some(now), armed));
     }
 }

@@ -25,17 +25,17 @@ pub const MAX_KEY_LEN: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-pub(crate) enum Kind {
+pub(crate) enum LockKind {
     Mutex,
     Semaphore { max: u32 },
     Read,
     Write,
 }
 
-impl Kind {
+impl LockKind {
     /// True when holders are members of a sorted set (many at once).
     pub(crate) fn shared(self) -> bool {
-        matches!(self, Kind::Semaphore { .. } | Kind::Read)
+        matches!(self, LockKind::Semaphore { .. } | LockKind::Read)
     }
 }
 
@@ -57,7 +57,7 @@ impl std::ops::Deref for Keys {
 pub(crate) struct KeyNames {
     /// The user's key.
     pub(crate) name: String,
-    pub(crate) kind: Kind,
+    pub(crate) kind: LockKind,
     /// Where the holder's token lives (a string, or a sorted-set member).
     pub(crate) lock: String,
     /// Semaphore: the permit count. Reader-writer lock: the other side (the
@@ -72,14 +72,14 @@ pub(crate) struct KeyNames {
 }
 
 impl Keys {
-    pub(crate) fn new(prefix: &str, name: &str, kind: Kind) -> Result<Self> {
+    pub(crate) fn new(prefix: &str, name: &str, kind: LockKind) -> Result<Self> {
         validate_key(name)?;
         let base = format!("{prefix}{{{name}}}");
         let (lock, aux) = match kind {
-            Kind::Mutex => (base.clone(), String::new()),
-            Kind::Semaphore { .. } => (format!("{base}:sem"), format!("{base}:sem:max")),
-            Kind::Read => (format!("{base}:rw:r"), format!("{base}:rw:w")),
-            Kind::Write => (format!("{base}:rw:w"), format!("{base}:rw:r")),
+            LockKind::Mutex => (base.clone(), String::new()),
+            LockKind::Semaphore { .. } => (format!("{base}:sem"), format!("{base}:sem:max")),
+            LockKind::Read => (format!("{base}:rw:r"), format!("{base}:rw:w")),
+            LockKind::Write => (format!("{base}:rw:w"), format!("{base}:rw:r")),
         };
         Ok(Keys(Arc::new(KeyNames {
             name: name.to_owned(),
@@ -87,8 +87,8 @@ impl Keys {
             lock,
             aux,
             intent: match kind {
-                Kind::Read | Kind::Write => format!("{base}:rw:i"),
-                Kind::Mutex | Kind::Semaphore { .. } => String::new(),
+                LockKind::Read | LockKind::Write => format!("{base}:rw:i"),
+                LockKind::Mutex | LockKind::Semaphore { .. } => String::new(),
             },
             fence: format!("{base}:fence"),
             channel: format!("{base}:released"),
@@ -97,16 +97,53 @@ impl Keys {
 
     /// Every key a force-unlock deletes: the holders of every kind.
     pub(crate) fn all_holders(prefix: &str, name: &str) -> Result<[String; 5]> {
+        let k = InspectKeys::new(prefix, name)?;
+        Ok([k.sem, k.writer, k.readers, k.intent, k.mutex])
+    }
+}
+
+/// The Redis names inspection reads for one lock name, of every kind at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InspectKeys {
+    /// The mutex.
+    pub(crate) mutex: String,
+    /// The semaphore's holders and its permit count.
+    pub(crate) sem: String,
+    pub(crate) sem_max: String,
+    /// The reader-writer lock's writer, readers and waiting writer's intent.
+    pub(crate) writer: String,
+    pub(crate) readers: String,
+    pub(crate) intent: String,
+    /// The fencing counter.
+    pub(crate) fence: String,
+}
+
+impl InspectKeys {
+    pub(crate) fn new(prefix: &str, name: &str) -> Result<Self> {
         validate_key(name)?;
         let base = format!("{prefix}{{{name}}}");
-        Ok([
-            format!("{base}:sem"),
-            format!("{base}:rw:w"),
-            format!("{base}:rw:r"),
-            format!("{base}:rw:i"),
-            base,
-        ])
+        Ok(InspectKeys {
+            sem: format!("{base}:sem"),
+            sem_max: format!("{base}:sem:max"),
+            writer: format!("{base}:rw:w"),
+            readers: format!("{base}:rw:r"),
+            intent: format!("{base}:rw:i"),
+            fence: format!("{base}:fence"),
+            mutex: base,
+        })
     }
+}
+
+/// The user key that a Redis key under `prefix` holds a lock for: the name
+/// inside the hash tag, when the key is one of the holder keys (a mutex, a
+/// semaphore, a writer, readers, a writer's intent). `None` for anything else
+/// (fencing counters, permit counts, other applications' keys).
+pub(crate) fn holder_name<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix('{')?;
+    let close = rest.find('}')?;
+    let (name, suffix) = (&rest[..close], &rest[close + 1..]);
+    let holder = matches!(suffix, "" | ":sem" | ":rw:w" | ":rw:r" | ":rw:i");
+    (holder && validate_key(name).is_ok()).then_some(name)
 }
 
 /// Checks a user-supplied lock key.
@@ -154,13 +191,32 @@ mod tests {
 
     #[test]
     fn all_names_of_a_lock_share_one_hash_tag() {
-        let k = Keys::new("distlock:", "order:42", Kind::Mutex).unwrap();
+        let k = Keys::new("distlock:", "order:42", LockKind::Mutex).unwrap();
         assert_eq!(k.lock, "distlock:{order:42}");
-        let s = Keys::new("distlock:", "order:42", Kind::Semaphore { max: 2 }).unwrap();
+        let s = Keys::new("distlock:", "order:42", LockKind::Semaphore { max: 2 }).unwrap();
         assert_eq!(s.lock, "distlock:{order:42}:sem");
         assert_eq!(s.fence, k.fence);
         assert_eq!(k.fence, "distlock:{order:42}:fence");
         assert_eq!(k.channel, "distlock:{order:42}:released");
+    }
+
+    #[test]
+    fn holder_keys_name_their_lock_and_nothing_else_does() {
+        let k = InspectKeys::new("p:", "a:b").unwrap();
+        for key in [&k.mutex, &k.sem, &k.writer, &k.readers, &k.intent] {
+            assert_eq!(holder_name("p:", key), Some("a:b"), "{key}");
+        }
+        for key in [
+            &k.fence,
+            &k.sem_max,
+            "p:{a:b}:released",
+            "q:{a:b}",
+            "p:a",
+            "p:{}",
+            "p:~expiry-register",
+        ] {
+            assert_eq!(holder_name("p:", key), None, "{key}");
+        }
     }
 
     #[test]
@@ -171,12 +227,12 @@ mod tests {
             ("a}b", "hash tags"),
             ("a\nb", "control"),
         ] {
-            let err = Keys::new("p:", key, Kind::Mutex).unwrap_err();
+            let err = Keys::new("p:", key, LockKind::Mutex).unwrap_err();
             assert!(matches!(err, Error::InvalidKey { .. }), "{key:?}");
             assert!(err.to_string().contains(reason), "{err}");
         }
         let long = "x".repeat(MAX_KEY_LEN + 1);
-        assert!(Keys::new("p:", &long, Kind::Read).is_err());
-        assert!(Keys::new("p:", &"x".repeat(MAX_KEY_LEN), Kind::Write).is_ok());
+        assert!(Keys::new("p:", &long, LockKind::Read).is_err());
+        assert!(Keys::new("p:", &"x".repeat(MAX_KEY_LEN), LockKind::Write).is_ok());
     }
 }

@@ -1,19 +1,21 @@
 //! A named mutex: `try_acquire`, `acquire_timeout`, `acquire`, and the waiting
 //! machinery (local FIFO line, pub/sub wake-up, TTL-bounded jittered timers).
 
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::backend::Attempt;
+use crate::backend::{Attempt, Request};
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
-use crate::keeper::{Cmd, LeaseState};
-use crate::key::{Keys, Kind};
-use crate::locker::Locker;
+use crate::key::{Keys, LockKind};
+use crate::locker::{Locker, Taken};
 use crate::obs;
 use crate::options::LeaseOptions;
+use crate::run::Policy;
 
 /// A distributed mutex on one key; made by [`Locker::lock`]. Cheap to create and
 /// to clone: it holds no connection and nothing in Redis until acquired.
@@ -36,28 +38,56 @@ use crate::options::LeaseOptions;
 pub struct Lock {
     locker: Locker,
     key: String,
-    kind: Kind,
+    kind: LockKind,
     opts: LeaseOptions,
     /// The Redis names, built on first use and shared by every clone.
     keys: Arc<OnceLock<Keys>>,
+    /// The `name` label of its metrics.
+    name: obs::Name,
 }
 
-/// One attempt: the guard, or how long the key has left if the server said.
-type Try = std::result::Result<LockGuard, Option<Duration>>;
+/// What one attempt came to.
+enum Try {
+    /// The lock is ours.
+    Acquired(LockGuard),
+    /// Another owner holds it, for about `ttl` more when the server said.
+    Held { ttl: Option<Duration> },
+    /// Granted, but the answer came when the lease could already be expiring:
+    /// given back at once.
+    TooLate,
+}
 
 impl Lock {
-    pub(crate) fn new(locker: Locker, key: String, kind: Kind, opts: LeaseOptions) -> Self {
+    pub(crate) fn new(locker: Locker, key: String, kind: LockKind, opts: LeaseOptions) -> Self {
         Lock {
             locker,
             key,
             kind,
             opts,
             keys: Arc::default(),
+            name: None,
         }
     }
 
-    pub(crate) fn kind(&self) -> Kind {
+    pub(crate) fn kind(&self) -> LockKind {
         self.kind
+    }
+
+    /// Names what this lock protects in metrics (the `name` label of
+    /// `distlock_acquired_total`, `distlock_wait_seconds`,
+    /// `distlock_lost_total`...; `unnamed` if not set). Give a name per kind
+    /// of work, never per key: `"invoice"`, not `"invoice:42"`, since each
+    /// name is a time series of its own. `#[distributed_lock]` names its
+    /// locks after the key template.
+    ///
+    /// ```
+    /// let locker = distlock::Locker::memory();
+    /// let lock = locker.lock("invoice:42").name("invoice");
+    /// # let _ = lock;
+    /// ```
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
     }
 
     /// The key, as given.
@@ -99,21 +129,29 @@ impl Lock {
     /// [`Error::InvalidKey`], [`Error::Config`] for bad input; [`Error::Closed`];
     /// [`Error::Unavailable`], [`Error::Auth`], [`Error::WrongType`] or
     /// [`Error::Redis`] from the backend.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. Dropped while its request is in flight, the attempt may
+    /// still take the lock on the server: the lock is then released in the
+    /// background (first on the connection that carried the attempt, so the
+    /// release cannot overtake it). Once the server answered, no await point
+    /// remains before the guard is returned.
     pub async fn try_acquire(&self) -> Result<Option<LockGuard>> {
         let keys = self.prepare()?;
         let started = Instant::now();
         let result = self.attempt(&keys).await;
         match &result {
-            Ok(Ok(g)) => obs::acquired(&self.key, g.fencing_token(), started.elapsed()),
-            Ok(Err(_)) => obs::acquire_failed(
-                &self.key,
-                &Error::Busy {
-                    key: self.key.clone(),
-                },
-            ),
-            Err(e) => obs::acquire_failed(&self.key, e),
+            Ok(Try::Acquired(g)) => {
+                obs::acquired(&self.key, &self.name, g.fencing_token(), started.elapsed());
+            }
+            Ok(Try::Held { .. } | Try::TooLate) => obs::acquire_busy(&self.key, &self.name),
+            Err(e) => obs::acquire_failed(&self.key, &self.name, e),
         }
-        Ok(result?.ok())
+        match result? {
+            Try::Acquired(guard) => Ok(Some(guard)),
+            Try::Held { .. } | Try::TooLate => Ok(None),
+        }
     }
 
     /// Waits up to `timeout` for the lock. A zero timeout makes exactly one attempt
@@ -125,6 +163,11 @@ impl Lock {
     ///
     /// [`Error::Timeout`] when the time runs out; otherwise as
     /// [`try_acquire`](Lock::try_acquire).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`try_acquire`](Lock::try_acquire): a dropped wait
+    /// also leaves this process's line of waiters for the key.
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard> {
         let deadline = Instant::now().checked_add(timeout);
         self.acquire_until(deadline).await
@@ -136,6 +179,10 @@ impl Lock {
     /// # Errors
     ///
     /// As [`try_acquire`](Lock::try_acquire): the backend's errors end the wait.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`acquire_timeout`](Lock::acquire_timeout).
     pub async fn acquire(&self) -> Result<LockGuard> {
         self.acquire_until(None).await
     }
@@ -145,7 +192,7 @@ impl Lock {
             return Err(Error::Closed);
         }
         self.opts.validate()?;
-        if self.kind == (Kind::Semaphore { max: 0 }) {
+        if self.kind == (LockKind::Semaphore { max: 0 }) {
             return Err(Error::config(
                 "a semaphore needs at least one permit (max = 0)",
             ));
@@ -155,6 +202,52 @@ impl Lock {
         }
         let keys = Keys::new(self.locker.key_prefix(), &self.key, self.kind)?;
         Ok(self.keys.get_or_init(|| keys).clone())
+    }
+
+    /// Acquires the lock under `policy`, runs `work` while holding it, and
+    /// releases it. If the lease is lost, `work` is dropped (cancelled) at its
+    /// next await point and the run returns [`Error::Lost`].
+    ///
+    /// Inside `work`, [`current()`](crate::current) gives the lease (key, fencing token, lost
+    /// signal). A nested `run` on a key the same task already holds through the
+    /// same locker runs its work directly, without re-acquiring (task-scoped
+    /// reentrancy).
+    ///
+    /// Returns `Ok(None)` only with [`OnBusy::Skip`](crate::OnBusy::Skip) when the lock was held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], [`Error::Busy`] (with [`OnBusy::Reject`](crate::OnBusy::Reject)),
+    /// [`Error::Lost`] (also when the release finds the lease already gone: the
+    /// work may have overlapped with another owner's), and the acquisition
+    /// errors of [`try_acquire`](Lock::try_acquire).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops `work` where it stands and releases the lock
+    /// in the background, as dropping a guard does (with `at_least`, the key
+    /// is left to expire at its time instead).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+    /// use std::time::Duration;
+    /// let locker = distlock::Locker::memory();
+    /// let policy = distlock::Policy::new().timeout(Duration::from_secs(5));
+    /// let total = locker.lock("ledger").run(&policy, async { 40 + 2 }).await?;
+    /// assert_eq!(total, Some(42));
+    /// # Ok(()) }
+    /// ```
+    pub fn run<F: Future>(
+        &self,
+        policy: &Policy,
+        work: F,
+    ) -> impl Future<Output = Result<Option<F::Output>>> + use<F> {
+        // The future owns what it needs (a clone of this cheap handle and of the
+        // policy): it borrows neither, and is `'static` when `work` is.
+        let span = tracing::debug_span!("distlock.run", key = %self.key());
+        crate::run::run_locked(self.clone(), policy.clone(), work).instrument(span)
     }
 
     pub(crate) async fn acquire_until(&self, deadline: Option<Instant>) -> Result<LockGuard> {
@@ -185,8 +278,8 @@ impl Lock {
             Err(e) => Err(e),
         };
         match &result {
-            Ok(g) => obs::acquired(&self.key, g.fencing_token(), started.elapsed()),
-            Err(e) => obs::acquire_failed(&self.key, e),
+            Ok(g) => obs::acquired(&self.key, &self.name, g.fencing_token(), started.elapsed()),
+            Err(e) => obs::acquire_failed(&self.key, &self.name, e),
         }
         result
     }
@@ -206,6 +299,7 @@ impl Lock {
         started: Instant,
         deadline: Option<Instant>,
     ) -> Result<LockGuard> {
+        let _waiting = obs::waiting_task(self.locker.metrics_name());
         let ticket = self.locker.queues().join(&keys.lock);
         let head = match deadline {
             Some(d) => tokio::time::timeout_at(d, ticket.head())
@@ -228,11 +322,12 @@ impl Lock {
                 None
             } else {
                 match self.attempt(keys).await? {
-                    Ok(guard) => {
+                    Try::Acquired(guard) => {
                         head.predecessor_holds = !self.kind.shared();
                         return Ok(guard);
                     }
-                    Err(ttl) => ttl,
+                    Try::Held { ttl } => ttl,
+                    Try::TooLate => None,
                 }
             };
             let mut sleep = self.opts.backoff(retries);
@@ -277,48 +372,45 @@ impl Lock {
     /// One attempt. From the backend's answer to the returned guard there is no
     /// await point, so a dropped future never strands an acquired lease.
     async fn attempt(&self, keys: &Keys) -> Result<Try> {
+        // `close()` waits for this attempt, so that what it takes is either
+        // registered with the keeper before it stops, or given back.
+        let _in_flight = self.locker.begin_attempt()?;
         let token = crate::token::mint(self.locker.owner_tag())?;
         let sent = Instant::now();
         let backend = self.locker.backend();
         let intent = (self.opts.retry_max * 3).max(Duration::from_secs(1));
         let fence = match backend
-            .acquire(keys, &token, self.opts.expiry, intent)
+            .acquire(Request {
+                keys,
+                token: &token,
+                expiry: self.opts.expiry,
+                intent,
+            })
             .await?
         {
-            Attempt::Held { ttl } => return Ok(Err(ttl)),
+            Attempt::Held { ttl } => return Ok(Try::Held { ttl }),
             Attempt::Acquired { fence } => fence,
         };
-        let lease = Arc::new(LeaseState::new(
-            self.locker.next_lease_id(),
-            keys.clone(),
+        let max_hold_at = self.opts.max_hold.and_then(|m| sent.checked_add(m));
+        let taken = Taken {
+            keys: keys.clone(),
             token,
             fence,
-            self.opts.expiry,
-        ));
-        let valid_until = sent + self.opts.validity();
-        let registered = self.locker.keeper().send(Cmd::Hold {
-            lease: Arc::clone(&lease),
-            valid_until,
-            renew_every: self.opts.renew_every(),
-            validity: self.opts.validity(),
-            max_hold_at: self.opts.max_hold.and_then(|m| sent.checked_add(m)),
-        });
-        let guard = LockGuard::new(lease, self.locker.clone());
-        if !registered {
-            // Without its keeper the lease would expire unnoticed: give it back.
-            let _ = backend.release(keys, guard.state().token.as_str()).await;
-            return Err(Error::Closed);
-        }
+            sent,
+            max_hold_at,
+            name: self.name.clone(),
+        };
+        let guard = self.locker.keep(taken, &self.opts).await?;
         if self.locker.is_closed() {
             drop(guard);
             return Err(Error::Closed);
         }
-        if Instant::now() >= valid_until {
+        if Instant::now() >= sent + self.opts.validity() {
             // The answer came too late to be of use: the lease may already be
             // expiring. Release it and keep waiting.
             drop(guard);
-            return Ok(Err(None));
+            return Ok(Try::TooLate);
         }
-        Ok(Ok(guard))
+        Ok(Try::Acquired(guard))
     }
 }

@@ -3,18 +3,20 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Retoken};
 use crate::builder::LockerBuilder;
 use crate::error::{Error, LostReason, Result};
 use crate::guard::{Lease, LockGuard};
-use crate::keeper::{Cmd, Keeper, LeaseState};
-use crate::key::{Keys, Kind};
+use crate::keeper::{Cmd, Keeper};
+use crate::key::{Keys, LockKind};
+use crate::lease::LeaseState;
 use crate::lock::Lock;
+use crate::obs;
 use crate::options::LeaseOptions;
 use crate::queue::Queues;
 use crate::rwlock::RwLock;
@@ -52,9 +54,48 @@ struct Inner {
     opts: LeaseOptions,
     prefix: String,
     owner_tag: String,
+    /// The `locker` label of the gauges.
+    name: Arc<str>,
     closed: CancellationToken,
+    attempts: Attempts,
     next_lease: AtomicU64,
     description: String,
+}
+
+/// A lease just taken, for [`Locker::keep`].
+pub(crate) struct Taken {
+    pub(crate) keys: Keys,
+    pub(crate) token: String,
+    pub(crate) fence: u64,
+    /// When the request that took it was sent.
+    pub(crate) sent: tokio::time::Instant,
+    pub(crate) max_hold_at: Option<tokio::time::Instant>,
+    /// The metrics name of the lock.
+    pub(crate) name: obs::Name,
+}
+
+/// Acquire attempts in flight, which [`Locker::close`] waits for: an attempt
+/// answered after the keeper stopped could hand its lease to nobody, and the
+/// backend, shut down, could not give it back.
+#[derive(Debug, Default)]
+struct Attempts {
+    /// How many are in flight, and whether the locker is closing.
+    state: std::sync::Mutex<(usize, bool)>,
+    idle: tokio::sync::Notify,
+}
+
+/// One acquire attempt in flight; see [`Locker::begin_attempt`].
+#[derive(Debug)]
+pub(crate) struct InFlight<'a>(&'a Attempts);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.0 -= 1;
+        if state.0 == 0 && state.1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -85,6 +126,7 @@ impl Locker {
         opts: LeaseOptions,
         prefix: String,
         owner_tag: String,
+        name: Arc<str>,
         description: String,
     ) -> Self {
         Locker {
@@ -96,7 +138,9 @@ impl Locker {
                 opts,
                 prefix,
                 owner_tag,
+                name,
                 closed: CancellationToken::new(),
+                attempts: Attempts::default(),
                 next_lease: AtomicU64::new(1),
                 description,
             }),
@@ -115,7 +159,7 @@ impl Locker {
     }
 
     /// Redlock over these independent servers (3 or 5) with default options;
-    /// see [`LockerBuilder::servers`].
+    /// see [`LockerBuilder::redlock`].
     ///
     /// # Errors
     ///
@@ -127,7 +171,7 @@ impl Locker {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Locker::builder().servers(urls).build().await
+        Locker::builder().redlock(urls).build().await
     }
 
     /// A builder for every option; see [`LockerBuilder`].
@@ -167,7 +211,7 @@ impl Locker {
     /// A mutex on `key`. Keys are 1 to 1024 bytes, without `{`, `}` or control
     /// characters; they are checked when acquiring.
     pub fn lock(&self, key: impl Into<String>) -> Lock {
-        Lock::new(self.clone(), key.into(), Kind::Mutex, self.inner.opts)
+        Lock::new(self.clone(), key.into(), LockKind::Mutex, self.inner.opts)
     }
 
     /// A counting semaphore on `key`: at most `max` holders at once. Every user
@@ -177,7 +221,7 @@ impl Locker {
         Semaphore::new(Lock::new(
             self.clone(),
             key.into(),
-            Kind::Semaphore { max },
+            LockKind::Semaphore { max },
             self.inner.opts,
         ))
     }
@@ -187,8 +231,8 @@ impl Locker {
     pub fn rw_lock(&self, key: impl Into<String>) -> RwLock {
         let key = key.into();
         RwLock::new(
-            Lock::new(self.clone(), key.clone(), Kind::Read, self.inner.opts),
-            Lock::new(self.clone(), key, Kind::Write, self.inner.opts),
+            Lock::new(self.clone(), key.clone(), LockKind::Read, self.inner.opts),
+            Lock::new(self.clone(), key, LockKind::Write, self.inner.opts),
         )
     }
 
@@ -197,11 +241,29 @@ impl Locker {
     /// learns at once that its lease is lost; holders elsewhere at their next
     /// renewal. Returns whether the key was held.
     ///
+    /// # When it is right
+    ///
+    /// Only when you know the holder is gone or must be stopped: an operator
+    /// clearing a lock whose holder crashed with a long expiry (the
+    /// `distlock unlock` command), or a test. Never at a service's start-up to
+    /// clear "leftovers": a lock you find may be a live replica's, and taking it
+    /// puts two owners on the resource until that replica's next renewal (only
+    /// fencing tokens checked by the resource keep the data safe then). A
+    /// leftover of a crashed process expires by itself within its expiry; a
+    /// demo that must not wait for it can use keys of its own per run (a
+    /// [`key_prefix`](crate::LockerBuilder::key_prefix) with the process id),
+    /// as this crate's examples do.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidKey`], [`Error::Closed`], or the backend's errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped while its request is in flight, the unlock may or may not have
+    /// happened on the server; calling it again is harmless.
     pub async fn force_unlock(&self, key: &str) -> Result<bool> {
-        let keys = self.keys(key, Kind::Mutex)?;
+        let keys = self.keys(key, LockKind::Mutex)?;
         let holders = Keys::all_holders(&self.inner.prefix, key)?;
         let existed = self
             .inner
@@ -220,6 +282,10 @@ impl Locker {
     ///
     /// [`Error::Lost`] if the key no longer holds this lease's token; otherwise
     /// as [`force_unlock`](Locker::force_unlock).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`force_unlock`](Locker::force_unlock): repeat it to be sure.
     pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
         let keys = self.keys(lease.key(), lease.kind())?;
         if self.inner.backend.release(&keys, lease.token()).await? {
@@ -234,11 +300,15 @@ impl Locker {
     /// # Errors
     ///
     /// As [`release_lease`](Locker::release_lease).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped in flight, the lease may or may not have been extended;
+    /// extending it again is harmless.
     pub async fn extend_lease(&self, lease: &Lease) -> Result<()> {
         let keys = self.keys(lease.key(), lease.kind())?;
         let batch = [crate::backend::Renewal {
-            shared: keys.kind.shared(),
-            key: keys.lock.clone(),
+            keys: keys.clone(),
             token: lease.token().to_owned(),
             ttl: lease.expiry(),
         }];
@@ -251,55 +321,153 @@ impl Locker {
     /// Takes a detached lease back under this locker's keeper: it is extended
     /// now and then renewed like any other, and released when the guard is.
     ///
+    /// Adopting gives the lease a new secret token: the `Lease` value (and
+    /// any copy of it) can no longer extend or release it, and adopting it a
+    /// second time, here or in another process, fails with [`Error::Lost`].
+    /// So one lease has at most one live guard.
+    ///
     /// # Errors
     ///
     /// As [`release_lease`](Locker::release_lease).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. Until the server's answer is in, the new token may hold
+    /// the key: if this future is dropped, or the answer is an error or a
+    /// refusal, the new token is released in the background (the old one is
+    /// void either way, so the lease is then over).
     pub async fn adopt(&self, lease: Lease) -> Result<LockGuard> {
         let keys = self.keys(lease.key(), lease.kind())?;
         let mut opts = self.inner.opts;
         opts.expiry = lease.expiry();
         opts.validate()?;
+        let token = crate::token::mint(self.owner_tag())?;
         let sent = tokio::time::Instant::now();
-        self.extend_lease(&lease).await?;
-        let state = Arc::new(LeaseState::new(
+        let mut in_doubt = TokenInDoubt {
+            locker: self,
+            keys: Some(keys.clone()),
+            token: token.clone(),
+        };
+        let adopted = self
+            .inner
+            .backend
+            .retoken(
+                &keys,
+                &Retoken {
+                    old: lease.token(),
+                    new: &token,
+                    ttl: lease.expiry(),
+                },
+            )
+            .await?;
+        if !adopted {
+            // Refused here; under Redlock a minority may still have taken it.
+            return Err(lost(&lease));
+        }
+        in_doubt.keys = None;
+        drop(in_doubt);
+        let taken = Taken {
+            keys,
+            token,
+            fence: lease.fencing_token(),
+            sent,
+            max_hold_at: None,
+            name: None,
+        };
+        self.keep(taken, &opts).await
+    }
+
+    /// Hands a lease just taken (its request sent at `sent`) to the keeper and
+    /// returns its guard. Without a keeper (the locker closed) the lease is
+    /// given back and the call fails with [`Error::Closed`]. No await point
+    /// comes before the registration: a dropped future never strands a lease.
+    pub(crate) async fn keep(&self, taken: Taken, opts: &LeaseOptions) -> Result<LockGuard> {
+        let Taken {
+            keys,
+            token,
+            fence,
+            sent,
+            max_hold_at,
+            name,
+        } = taken;
+        let lease = Arc::new(LeaseState::new(
             self.next_lease_id(),
             keys,
-            lease.token().to_owned(),
-            lease.fencing_token(),
-            lease.expiry(),
+            token,
+            fence,
+            opts,
+            name,
         ));
+        lease.count_held(obs::held(self.metrics_name()));
+        let valid_until = sent + opts.validity();
+        lease.set_deadline(max_hold_at.map_or(valid_until, |m| m.min(valid_until)));
         let registered = self.inner.keeper.send(Cmd::Hold {
-            lease: Arc::clone(&state),
-            valid_until: sent + opts.validity(),
+            lease: Arc::clone(&lease),
+            valid_until,
             renew_every: opts.renew_every(),
             validity: opts.validity(),
-            max_hold_at: None,
+            max_hold_at,
         });
         if !registered {
+            // Without its keeper the lease would expire unnoticed: give it back.
+            let _ = self.inner.backend.release(&lease.keys, &lease.token).await;
             return Err(Error::Closed);
         }
-        Ok(LockGuard::new(state, self.clone()))
+        Ok(LockGuard::new(lease, self.clone()))
     }
 
     /// Closes the locker: waiters get [`Error::Closed`], every held lease is
     /// released (its lost signal fires with
     /// [`LostReason::Closed`](crate::LostReason::Closed)), and the background
-    /// tasks stop. Later operations fail with [`Error::Closed`]. Idempotent.
+    /// tasks stop. Later operations fail with [`Error::Closed`]. Idempotent:
+    /// a later call waits for the same steps.
     ///
     /// # Errors
     ///
     /// None at present; the `Result` leaves room for reporting failed releases.
+    ///
+    /// # Cancel safety
+    ///
+    /// The closing runs as a task of its own once this future is first
+    /// polled: dropping the future does not stop it, and never leaves a
+    /// locker that refuses new work while its leases stay held.
     pub async fn close(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            return Ok(());
-        }
         self.inner.closed.cancel();
+        let spawned = tokio::runtime::Handle::try_current().map(|rt| {
+            let this = self.clone();
+            rt.spawn(async move { this.finish_close().await })
+        });
+        match spawned {
+            Ok(closing) => {
+                // A runtime shutting down may cancel the task before it ran:
+                // then close here.
+                if closing.await.is_err() {
+                    self.finish_close().await;
+                }
+            }
+            Err(_) => self.finish_close().await,
+        }
+        Ok(())
+    }
+
+    /// The steps of [`close`](Locker::close) after the locker refuses new
+    /// work, each safe to repeat.
+    async fn finish_close(&self) {
+        // Attempts in flight hand what they took to the keeper (or give it
+        // back) before it stops. They end by themselves within the backend's
+        // bound on one attempt: waiting ones were just cancelled.
+        let _ =
+            tokio::time::timeout(self.inner.backend.attempt_bound(), self.attempts_done()).await;
         let (tx, rx) = oneshot::channel();
         if self.inner.keeper.send(Cmd::Close { reply: tx }) {
             let _ = rx.await;
         }
-        self.inner.backend.shutdown();
-        Ok(())
+        // Releases (the keeper's, abandoned attempts') still running on
+        // servers that answered after the majority finish before the
+        // connections go.
+        let backend = &self.inner.backend;
+        backend.settle(backend.attempt_bound()).await;
+        backend.shutdown();
     }
 
     /// True once [`close`](Locker::close) was called.
@@ -307,17 +475,12 @@ impl Locker {
         self.inner.closed.is_cancelled()
     }
 
-    /// True for a locker made by [`Locker::memory`].
-    pub fn is_memory(&self) -> bool {
-        matches!(self.inner.backend, Backend::Memory(_))
-    }
-
     /// The prefix of every Redis key this locker uses.
     pub fn key_prefix(&self) -> &str {
         &self.inner.prefix
     }
 
-    fn keys(&self, key: &str, kind: Kind) -> Result<Keys> {
+    fn keys(&self, key: &str, kind: LockKind) -> Result<Keys> {
         if self.is_closed() {
             return Err(Error::Closed);
         }
@@ -336,12 +499,56 @@ impl Locker {
     pub(crate) fn queues(&self) -> &Arc<Queues> {
         &self.inner.queues
     }
+    /// The `locker` label of the gauges.
+    pub(crate) fn metrics_name(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+
     pub(crate) fn owner_tag(&self) -> &str {
         &self.inner.owner_tag
     }
     pub(crate) fn closed_token(&self) -> &CancellationToken {
         &self.inner.closed
     }
+    /// Counts an acquire attempt in flight until the returned value is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once [`close`](Locker::close) began.
+    pub(crate) fn begin_attempt(&self) -> Result<InFlight<'_>> {
+        let attempts = &self.inner.attempts;
+        let mut state = attempts
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.1 {
+            return Err(Error::Closed);
+        }
+        state.0 += 1;
+        Ok(InFlight(attempts))
+    }
+
+    /// Marks the locker closing and waits until no attempt is in flight.
+    async fn attempts_done(&self) {
+        let attempts = &self.inner.attempts;
+        loop {
+            let idle = attempts.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            {
+                let mut state = attempts
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.1 = true;
+                if state.0 == 0 {
+                    return;
+                }
+            }
+            idle.await;
+        }
+    }
+
     pub(crate) fn next_lease_id(&self) -> u64 {
         self.inner.next_lease.fetch_add(1, Ordering::Relaxed)
     }
@@ -388,4 +595,29 @@ pub fn default_locker() -> Result<Locker> {
         .ok_or_else(|| {
             Error::config("no default locker: call distlock::set_default(locker) at start-up")
         })
+}
+
+/// A token that may hold a key on the server while its request's outcome is
+/// unknown (an adoption in flight). Dropped while armed (`keys` set), it
+/// releases the token in the background.
+struct TokenInDoubt<'a> {
+    locker: &'a Locker,
+    keys: Option<Keys>,
+    token: String,
+}
+
+impl Drop for TokenInDoubt<'_> {
+    fn drop(&mut self) {
+        let Some(keys) = self.keys.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.locker.inner.backend.clone();
+        let token = std::mem::take(&mut self.token);
+        rt.spawn(async move {
+            let _ = backend.release(&keys, &token).await;
+        });
+    }
 }

@@ -8,8 +8,42 @@ use crate::error::{Error, Result};
 pub const MIN_EXPIRY: Duration = Duration::from_millis(100);
 /// The longest lease expiry accepted.
 pub const MAX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-/// The longest `max_hold` or `at_least` accepted (one year).
-pub(crate) const MAX_HOLD_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The smallest drift factor accepted: 0.1 %. The client measures a lease on
+/// its monotonic clock and Redis expires the key on its own; NTP may slew
+/// either clock's rate by up to 500 ppm, so two clocks slewed in opposite
+/// directions disagree by up to 0.1 % of the expiry.
+pub(crate) const MIN_DRIFT_FACTOR: f64 = 0.001;
+/// The smallest drift floor accepted: 1 ms. Redis keeps expiries in whole
+/// milliseconds and the client's timers fire on a millisecond wheel, so a
+/// deadline exactly at the server's expiry may be signalled after it.
+pub(crate) const MIN_DRIFT_FLOOR: Duration = Duration::from_millis(1);
+/// The longest `max_hold` (`at_most`) or `at_least` accepted: one year.
+pub const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks a hold bound (`max_hold`, `at_most`, `at_least`) against
+/// [`MAX_HOLD`]; `at_least` may be zero, the others may not.
+pub(crate) fn check_hold(name: &str, d: Duration) -> Result<()> {
+    let zero_ok = name == "at_least";
+    if (d.is_zero() && !zero_ok) || d > MAX_HOLD {
+        let low = if zero_ok { "0" } else { "1ms" };
+        return Err(Error::config(format!(
+            "{name} must be between {low} and 365 days (got {})",
+            fmt(d)
+        )));
+    }
+    Ok(())
+}
+
+/// The drift margin for a server TTL of `ttl`: `factor` of it plus `floor`.
+fn drift_for(ttl: Duration, factor: f64, floor: Duration) -> Duration {
+    ttl.mul_f64(factor) + floor
+}
+
+/// How long a lease stays valid, locally, after a request that set its
+/// server TTL to `ttl` was sent: `ttl` less the drift margin for `ttl`.
+pub(crate) fn validity_for(ttl: Duration, factor: f64, floor: Duration) -> Duration {
+    ttl.saturating_sub(drift_for(ttl, factor, floor))
+}
 
 /// Lease timing: expiry, renewal cadence, drift margin, hold limit and retry backoff.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,13 +80,13 @@ impl LeaseOptions {
 
     /// How much earlier than the server the client considers a lease expired.
     pub(crate) fn drift(&self) -> Duration {
-        self.expiry.mul_f64(self.drift_factor) + self.drift_floor
+        drift_for(self.expiry, self.drift_factor, self.drift_floor)
     }
 
     /// How long a lease stays valid, locally, after the request that set its
     /// expiry was sent.
     pub(crate) fn validity(&self) -> Duration {
-        self.expiry.saturating_sub(self.drift())
+        validity_for(self.expiry, self.drift_factor, self.drift_floor)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -68,10 +102,20 @@ impl LeaseOptions {
                 fmt(self.expiry)
             )));
         }
-        if !(0.0..0.5).contains(&self.drift_factor) {
+        // The local deadline must come strictly before the server's expiry,
+        // whatever the clocks' rates: a zero margin voids the guarantee.
+        if !(MIN_DRIFT_FACTOR..0.5).contains(&self.drift_factor) {
             return Err(Error::config(format!(
-                "drift_factor must be in [0, 0.5) (got {})",
+                "drift factor must be in [0.001, 0.5) (got {}): Redis's clock and this \
+                 process's may run at rates 0.1 % apart",
                 self.drift_factor
+            )));
+        }
+        if self.drift_floor < MIN_DRIFT_FLOOR {
+            return Err(Error::config(format!(
+                "drift floor must be at least 1ms (got {}): Redis expires keys on \
+                 millisecond boundaries",
+                fmt(self.drift_floor)
             )));
         }
         if self.drift() >= self.expiry / 2 {
@@ -93,12 +137,7 @@ impl LeaseOptions {
             )));
         }
         if let Some(max) = self.max_hold {
-            if max.is_zero() || max > MAX_HOLD_LIMIT {
-                return Err(Error::config(format!(
-                    "max_hold must be between 1ms and 365 days (got {})",
-                    fmt(max)
-                )));
-            }
+            check_hold("max_hold", max)?;
         }
         if self.retry_min.is_zero() || self.retry_min > self.retry_max {
             return Err(Error::config(format!(
@@ -158,13 +197,28 @@ mod tests {
             with(|o| o.renew_every = Some(Duration::ZERO)),
             with(|o| o.drift_factor = 0.9),
             with(|o| o.drift_factor = f64::NAN),
+            with(|o| o.drift_factor = 0.0),
+            with(|o| o.drift_factor = 0.000_9),
+            with(|o| o.drift_factor = -0.01),
+            with(|o| o.drift_floor = Duration::ZERO),
+            with(|o| o.drift_floor = Duration::from_micros(999)),
             with(|o| o.max_hold = Some(Duration::MAX)),
             with(|o| o.retry_min = Duration::ZERO),
             with(|o| o.retry_min = Duration::from_secs(2)),
         ];
         for o in cases {
-            assert!(matches!(o.validate(), Err(Error::Config(_))), "{o:?}");
+            assert!(matches!(o.validate(), Err(Error::Config { .. })), "{o:?}");
         }
+    }
+
+    #[test]
+    fn the_smallest_drift_margin_is_accepted() {
+        with(|o| {
+            o.drift_factor = MIN_DRIFT_FACTOR;
+            o.drift_floor = MIN_DRIFT_FLOOR;
+        })
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::guard::{LockGuard, Lost};
-use crate::key::Kind;
+use crate::key::LockKind;
 use crate::lock::Lock;
 
 /// What to do when the lock is held by another owner.
@@ -118,7 +117,7 @@ impl Policy {
 #[derive(Debug, Clone)]
 pub struct Current {
     locker_id: u64,
-    kind: Kind,
+    kind: LockKind,
     key: String,
     fencing_token: u64,
     lost: CancellationToken,
@@ -166,7 +165,7 @@ pub fn current() -> Option<Current> {
     HELD.try_with(|held| held.last().cloned()).ok().flatten()
 }
 
-fn held_here(locker_id: u64, kind: Kind, key: &str) -> bool {
+fn held_here(locker_id: u64, kind: LockKind, key: &str) -> bool {
     HELD.try_with(|held| {
         held.iter()
             .any(|c| c.locker_id == locker_id && c.kind == kind && c.key == key)
@@ -174,99 +173,65 @@ fn held_here(locker_id: u64, kind: Kind, key: &str) -> bool {
     .unwrap_or(false)
 }
 
-impl Lock {
-    /// Acquires the lock under `policy`, runs `work` while holding it, and
-    /// releases it. If the lease is lost, `work` is dropped (cancelled) at its
-    /// next await point and the run returns [`Error::Lost`].
-    ///
-    /// Inside `work`, [`current()`] gives the lease (key, fencing token, lost
-    /// signal). A nested `run` on a key the same task already holds through the
-    /// same locker runs its work directly, without re-acquiring (task-scoped
-    /// reentrancy).
-    ///
-    /// Returns `Ok(None)` only with [`OnBusy::Skip`] when the lock was held.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Timeout`], [`Error::Busy`] (with [`OnBusy::Reject`]),
-    /// [`Error::Lost`] (also when the release finds the lease already gone: the
-    /// work may have overlapped with another owner's), and the acquisition
-    /// errors of [`try_acquire`](Lock::try_acquire).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
-    /// use std::time::Duration;
-    /// let locker = distlock::Locker::memory();
-    /// let policy = distlock::Policy::new().timeout(Duration::from_secs(5));
-    /// let total = locker.lock("ledger").run(&policy, async { 40 + 2 }).await?;
-    /// assert_eq!(total, Some(42));
-    /// # Ok(()) }
-    /// ```
-    pub fn run<F: Future>(
-        &self,
-        policy: &Policy,
-        work: F,
-    ) -> impl Future<Output = Result<Option<F::Output>>> + use<F> {
-        // The future owns what it needs (a clone of this cheap handle and of the
-        // policy): it borrows neither, and is `'static` when `work` is.
-        let span = tracing::debug_span!("distlock.run", key = %self.key());
-        self.clone().run_with(policy.clone(), work).instrument(span)
+/// The body of [`Lock::run`]: the future owns a clone of the lock and of
+/// the policy.
+pub(crate) async fn run_locked<F: Future>(
+    this: Lock,
+    policy: Policy,
+    work: F,
+) -> Result<Option<F::Output>> {
+    let locker_id = this.locker().id();
+    if held_here(locker_id, this.kind(), this.key()) {
+        return Ok(Some(work.await));
     }
-
-    async fn run_with<F: Future>(self, policy: Policy, work: F) -> Result<Option<F::Output>> {
-        let locker_id = self.locker().id();
-        if held_here(locker_id, self.kind(), self.key()) {
-            return Ok(Some(work.await));
+    let mut lock = this.clone();
+    if let Some(expiry) = policy.expiry {
+        lock = lock.expiry(expiry);
+    }
+    if let Some(at_most) = policy.at_most {
+        lock = lock.max_hold(at_most);
+    }
+    if let Some(at_least) = policy.at_least {
+        crate::options::check_hold("at_least", at_least)?;
+    }
+    let guard = match policy.on_busy {
+        OnBusy::Wait => match policy.timeout {
+            Some(t) => lock.acquire_timeout(t).await?,
+            None => lock.acquire().await?,
+        },
+        OnBusy::Skip => match lock.try_acquire().await? {
+            Some(g) => g,
+            None => return Ok(None),
+        },
+        OnBusy::Reject => match lock.try_acquire().await? {
+            Some(g) => g,
+            None => return Err(Error::busy(this.key())),
+        },
+    };
+    let mut guard = guard;
+    let keep_until = policy
+        .at_least
+        .and_then(|a| guard.state().acquired_at.checked_add(a));
+    if let Some(until) = keep_until {
+        // Also when this future is dropped mid-work: a job deduplicated with
+        // `at_least` must not run again elsewhere at once.
+        guard.keep_until(until);
+    }
+    let output = hold(locker_id, &guard, work).await;
+    let released = match keep_until {
+        Some(until) if until > Instant::now() => guard.release_at(until).await,
+        _ => guard.release().await,
+    };
+    match (output, released) {
+        (Err(lost), _) => Err(lost),
+        (Ok(_), Err(e @ Error::Lost { .. })) => Err(e),
+        (Ok(out), Err(e)) => {
+            // The work finished while the lease was held; only telling Redis
+            // failed, and the key expires by itself.
+            tracing::warn!(key = this.key(), error = %Chain(&e), "release failed after the work finished");
+            Ok(Some(out))
         }
-        let mut lock = self.clone();
-        if let Some(expiry) = policy.expiry {
-            lock = lock.expiry(expiry);
-        }
-        if let Some(at_most) = policy.at_most {
-            lock = lock.max_hold(at_most);
-        }
-        if let Some(at_least) = policy.at_least {
-            if at_least > crate::options::MAX_HOLD_LIMIT {
-                return Err(Error::config("at_least must be at most 365 days"));
-            }
-        }
-        let guard = match policy.on_busy {
-            OnBusy::Wait => match policy.timeout {
-                Some(t) => lock.acquire_timeout(t).await?,
-                None => lock.acquire().await?,
-            },
-            OnBusy::Skip => match lock.try_acquire().await? {
-                Some(g) => g,
-                None => return Ok(None),
-            },
-            OnBusy::Reject => match lock.try_acquire().await? {
-                Some(g) => g,
-                None => {
-                    return Err(Error::Busy {
-                        key: crate::error::shorten(self.key()),
-                    })
-                }
-            },
-        };
-        let acquired_at = guard.state().acquired_at;
-        let output = hold(locker_id, &guard, work).await;
-        let released = match policy.at_least.and_then(|a| acquired_at.checked_add(a)) {
-            Some(until) if until > Instant::now() => guard.release_at(until).await,
-            _ => guard.release().await,
-        };
-        match (output, released) {
-            (Err(lost), _) => Err(lost),
-            (Ok(_), Err(e @ Error::Lost { .. })) => Err(e),
-            (Ok(out), Err(e)) => {
-                // The work finished while the lease was held; only telling Redis
-                // failed, and the key expires by itself.
-                tracing::warn!(key = self.key(), error = %e, "release failed after the work finished");
-                Ok(Some(out))
-            }
-            (Ok(out), Ok(())) => Ok(Some(out)),
-        }
+        (Ok(out), Ok(())) => Ok(Some(out)),
     }
 }
 

@@ -18,7 +18,9 @@ pub type WriteGuard = LockGuard;
 /// permits); the writer is a string key (like a mutex). A writer that finds
 /// readers leaves an *intent* key that new readers respect, so a steady stream
 /// of readers cannot starve it; the intent expires by itself if the writer gives
-/// up. For [`Lock::run`] and the macro, [`reader`](RwLock::reader) and
+/// up. The first writer to get in clears the intent, whichever writer left it:
+/// the readers have drained, and keeping it would let a stream of writers
+/// starve the readers. For [`Lock::run`] and the macro, [`reader`](RwLock::reader) and
 /// [`writer`](RwLock::writer) give the two sides as [`Lock`]s.
 ///
 /// # Examples
@@ -60,6 +62,15 @@ impl RwLock {
         self
     }
 
+    /// Names what the lock protects in metrics, for both sides; see
+    /// [`Lock::name`].
+    pub fn name(mut self, name: impl Into<std::sync::Arc<str>>) -> Self {
+        let name = name.into();
+        self.read = self.read.name(std::sync::Arc::clone(&name));
+        self.write = self.write.name(name);
+        self
+    }
+
     /// The read side, as a [`Lock`] (for [`Lock::run`]).
     pub fn reader(&self) -> Lock {
         self.read.clone()
@@ -75,6 +86,10 @@ impl RwLock {
     /// # Errors
     ///
     /// As [`Lock::try_acquire`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Lock::try_acquire`].
     pub async fn try_read(&self) -> Result<Option<ReadGuard>> {
         self.read.try_acquire().await
     }
@@ -84,6 +99,10 @@ impl RwLock {
     /// # Errors
     ///
     /// As [`Lock::acquire_timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Lock::acquire_timeout`].
     pub async fn read_timeout(&self, timeout: Duration) -> Result<ReadGuard> {
         self.read.acquire_timeout(timeout).await
     }
@@ -91,6 +110,10 @@ impl RwLock {
     /// Waits for a read lock.
     ///
     /// # Errors
+    ///
+    /// As [`Lock::acquire`].
+    ///
+    /// # Cancel safety
     ///
     /// As [`Lock::acquire`].
     pub async fn read(&self) -> Result<ReadGuard> {
@@ -103,6 +126,10 @@ impl RwLock {
     /// # Errors
     ///
     /// As [`Lock::try_acquire`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Lock::try_acquire`].
     pub async fn try_write(&self) -> Result<Option<WriteGuard>> {
         self.write.try_acquire().await
     }
@@ -112,6 +139,10 @@ impl RwLock {
     /// # Errors
     ///
     /// As [`Lock::acquire_timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Lock::acquire_timeout`].
     pub async fn write_timeout(&self, timeout: Duration) -> Result<WriteGuard> {
         self.write.acquire_timeout(timeout).await
     }
@@ -119,6 +150,10 @@ impl RwLock {
     /// Waits for the write lock.
     ///
     /// # Errors
+    ///
+    /// As [`Lock::acquire`].
+    ///
+    /// # Cancel safety
     ///
     /// As [`Lock::acquire`].
     pub async fn write(&self) -> Result<WriteGuard> {

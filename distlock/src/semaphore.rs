@@ -48,9 +48,20 @@ impl Semaphore {
         self.lock.key()
     }
 
+    /// The [`Lock`] that takes this semaphore's permits.
+    pub(crate) fn into_lock(self) -> Lock {
+        self.lock
+    }
+
     /// Sets the lease expiry of permits taken through this handle.
     pub fn expiry(mut self, expiry: Duration) -> Self {
         self.lock = self.lock.expiry(expiry);
+        self
+    }
+
+    /// Names what the semaphore protects in metrics; see [`Lock::name`].
+    pub fn name(mut self, name: impl Into<std::sync::Arc<str>>) -> Self {
+        self.lock = self.lock.name(name);
         self
     }
 
@@ -66,6 +77,10 @@ impl Semaphore {
     ///
     /// As [`Lock::try_acquire`]; [`Error::Config`](crate::Error::Config) for
     /// `max` = 0 or a `max` that disagrees with the semaphore's current holders.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Lock::try_acquire`].
     pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>> {
         self.lock.try_acquire().await
     }
@@ -75,6 +90,10 @@ impl Semaphore {
     /// # Errors
     ///
     /// As [`Lock::acquire_timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Lock::acquire_timeout`].
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphorePermit> {
         self.lock.acquire_timeout(timeout).await
     }
@@ -82,6 +101,10 @@ impl Semaphore {
     /// Waits for a permit.
     ///
     /// # Errors
+    ///
+    /// As [`Lock::acquire`].
+    ///
+    /// # Cancel safety
     ///
     /// As [`Lock::acquire`].
     pub async fn acquire(&self) -> Result<SemaphorePermit> {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Attempt, Renewal};
+use super::{Attempt, RawHolder, Renewal, Request, Retoken, Snapshot};
 use crate::error::{Error, Result};
-use crate::key::{Keys, Kind};
+use crate::inspect::Role;
+use crate::key::{holder_name, InspectKeys, Keys, LockKind};
 use crate::notify::Hub;
 
 /// One holder: a token and when it expires.
@@ -17,6 +18,7 @@ use crate::notify::Hub;
 struct Holder {
     token: String,
     expires: Instant,
+    fence: u64,
 }
 
 /// What a key holds: one owner (a mutex, a writer, an intent) or many (a
@@ -31,13 +33,17 @@ enum Value {
 struct Entry {
     name: String,
     value: Value,
+    /// A semaphore's permit count: it lives as long as its permits.
+    max: Option<u32>,
 }
 
+/// The store. Memory is bounded by what is held: an entry goes with its last
+/// holder, and fencing tokens come from one counter for the whole store
+/// (strictly increasing per key, as they must be, and across keys too).
 #[derive(Debug, Default)]
 struct State {
     keys: HashMap<String, Entry>,
-    sem_max: HashMap<String, u32>,
-    fences: HashMap<String, u64>,
+    last_fence: u64,
 }
 
 impl State {
@@ -86,17 +92,14 @@ impl State {
         }
     }
 
-    fn fence(&mut self, keys: &Keys) -> u64 {
-        let f = self.fences.entry(keys.fence.clone()).or_insert(0);
-        *f += 1;
-        *f
+    fn fence(&mut self) -> u64 {
+        self.last_fence += 1;
+        self.last_fence
     }
 
-    fn current_fence(&self, keys: &Keys) -> u64 {
-        self.fences.get(&keys.fence).copied().unwrap_or(0)
-    }
-
-    fn set_one(&mut self, key: &str, name: &str, token: &str, expires: Instant) {
+    /// Sets the single holder of `key`; returns its fencing token.
+    fn set_one(&mut self, key: &str, name: &str, token: &str, expires: Instant) -> u64 {
+        let fence = self.fence();
         self.keys.insert(
             key.to_owned(),
             Entry {
@@ -104,22 +107,38 @@ impl State {
                 value: Value::One(Holder {
                     token: token.to_owned(),
                     expires,
+                    fence,
                 }),
+                max: None,
             },
         );
+        fence
     }
 
-    fn add_many(&mut self, key: &str, name: &str, token: &str, expires: Instant) {
+    /// Adds a holder to `key`; returns its fencing token.
+    fn add_many(
+        &mut self,
+        key: &str,
+        name: &str,
+        token: &str,
+        expires: Instant,
+        max: Option<u32>,
+    ) -> u64 {
+        let fence = self.fence();
         let entry = self.keys.entry(key.to_owned()).or_insert_with(|| Entry {
             name: name.to_owned(),
             value: Value::Many(Vec::new()),
+            max: None,
         });
+        entry.max = max;
         if let Value::Many(v) = &mut entry.value {
             v.push(Holder {
                 token: token.to_owned(),
                 expires,
+                fence,
             });
         }
+        fence
     }
 
     fn first_expiry(&mut self, key: &str, now: Instant) -> Option<Duration> {
@@ -161,45 +180,35 @@ impl MemoryBackend {
         f(&mut state, Instant::now())
     }
 
-    pub(crate) fn acquire(
-        &self,
-        keys: &Keys,
-        token: &str,
-        expiry: Duration,
-        intent: Duration,
-    ) -> Result<Attempt> {
+    pub(crate) fn acquire(&self, req: Request<'_>) -> Result<Attempt> {
+        let (keys, token, expiry, intent) = req.parts();
         self.with(|s, now| {
             let until = now + expiry;
             match keys.kind {
-                Kind::Mutex | Kind::Write => {
+                LockKind::Mutex | LockKind::Write => {
                     if let Some(h) = s.one(&keys.lock, now) {
                         if h.token == token {
                             h.expires = until;
-                            return Ok(Attempt::Acquired {
-                                fence: s.current_fence(keys),
-                            });
+                            return Ok(Attempt::Acquired { fence: h.fence });
                         }
                         return Ok(Attempt::Held {
                             ttl: Some(h.expires - now),
                         });
                     }
-                    if keys.kind == Kind::Write {
+                    if keys.kind == LockKind::Write {
                         if let Some(ttl) = s.first_expiry(&keys.aux, now) {
                             s.set_one(&keys.intent, &keys.name, token, now + intent);
                             return Ok(Attempt::Held { ttl: Some(ttl) });
                         }
-                        if s.one(&keys.intent, now).is_some_and(|h| h.token == token) {
-                            s.keys.remove(&keys.intent);
-                        }
+                        s.keys.remove(&keys.intent);
                     }
-                    s.set_one(&keys.lock, &keys.name, token, until);
-                    Ok(Attempt::Acquired {
-                        fence: s.fence(keys),
-                    })
+                    let fence = s.set_one(&keys.lock, &keys.name, token, until);
+                    Ok(Attempt::Acquired { fence })
                 }
-                Kind::Semaphore { .. } | Kind::Read => {
+                LockKind::Semaphore { .. } | LockKind::Read => {
                     let holders = s.many(&keys.lock, now);
-                    if holders.iter().any(|h| h.token == token) {
+                    if let Some(fence) = holders.iter().find(|h| h.token == token).map(|h| h.fence)
+                    {
                         if let Some(Entry {
                             value: Value::Many(v),
                             ..
@@ -209,27 +218,27 @@ impl MemoryBackend {
                                 h.expires = until;
                             }
                         }
-                        return Ok(Attempt::Acquired {
-                            fence: s.current_fence(keys),
-                        });
+                        return Ok(Attempt::Acquired { fence });
                     }
                     let count = holders.len();
-                    if let Kind::Semaphore { max } = keys.kind {
-                        match s.sem_max.get(&keys.aux) {
-                            Some(&stored) if count > 0 && stored != max => {
+                    let mut max = None;
+                    if let LockKind::Semaphore { max: wanted } = keys.kind {
+                        let stored = s.keys.get(&keys.lock).and_then(|e| e.max);
+                        match stored {
+                            Some(stored) if count > 0 && stored != wanted => {
                                 return Err(Error::config(format!(
-                                    "semaphore `{}` exists with {stored} permits, not {max}",
+                                    "semaphore `{}` exists with {stored} permits, not {wanted}",
                                     crate::error::shorten(&keys.name)
                                 )));
                             }
                             _ => {}
                         }
-                        if count >= max as usize {
+                        if count >= wanted as usize {
                             return Ok(Attempt::Held {
                                 ttl: s.first_expiry(&keys.lock, now),
                             });
                         }
-                        s.sem_max.insert(keys.aux.clone(), max);
+                        max = Some(wanted);
                     } else {
                         if let Some(w) = s.one(&keys.aux, now) {
                             return Ok(Attempt::Held {
@@ -242,10 +251,8 @@ impl MemoryBackend {
                             });
                         }
                     }
-                    s.add_many(&keys.lock, &keys.name, token, until);
-                    Ok(Attempt::Acquired {
-                        fence: s.fence(keys),
-                    })
+                    let fence = s.add_many(&keys.lock, &keys.name, token, until, max);
+                    Ok(Attempt::Acquired { fence })
                 }
             }
         })
@@ -267,23 +274,46 @@ impl MemoryBackend {
         self.with(|s, now| {
             batch
                 .iter()
-                .map(|r| match s.keys.get_mut(&r.key).map(|e| &mut e.value) {
-                    Some(Value::One(h)) if h.token == r.token && h.expires > now => {
-                        h.expires = now + r.ttl;
-                        true
-                    }
-                    Some(Value::Many(v)) => {
-                        match v.iter_mut().find(|h| h.token == r.token && h.expires > now) {
-                            Some(h) => {
-                                h.expires = now + r.ttl;
-                                true
-                            }
-                            None => false,
+                .map(
+                    |r| match s.keys.get_mut(&r.keys.lock).map(|e| &mut e.value) {
+                        Some(Value::One(h)) if h.token == r.token && h.expires > now => {
+                            h.expires = now + r.ttl;
+                            true
                         }
-                    }
-                    _ => false,
-                })
+                        Some(Value::Many(v)) => {
+                            match v.iter_mut().find(|h| h.token == r.token && h.expires > now) {
+                                Some(h) => {
+                                    h.expires = now + r.ttl;
+                                    true
+                                }
+                                None => false,
+                            }
+                        }
+                        _ => false,
+                    },
+                )
                 .collect()
+        })
+    }
+
+    /// Gives a live holder a new token and extends it; `false` if no live
+    /// holder has the old token.
+    pub(crate) fn retoken(&self, keys: &Keys, change: &Retoken<'_>) -> bool {
+        let Retoken { old, new, ttl } = *change;
+        self.with(|s, now| {
+            let holder = match s.keys.get_mut(&keys.lock).map(|e| &mut e.value) {
+                Some(Value::One(h)) if h.token == old && h.expires > now => Some(h),
+                Some(Value::Many(v)) => v.iter_mut().find(|h| h.token == old && h.expires > now),
+                _ => None,
+            };
+            match holder {
+                Some(h) => {
+                    new.clone_into(&mut h.token);
+                    h.expires = now + ttl;
+                    true
+                }
+                None => false,
+            }
         })
     }
 
@@ -327,6 +357,71 @@ impl MemoryBackend {
         })
     }
 
+    /// Every live holder of a lock name, as Redis's inspection script reads
+    /// them. The fencing token is the newest among the live holders' (the
+    /// store keeps no counter per name).
+    pub(crate) fn inspect(&self, keys: &InspectKeys) -> Snapshot {
+        self.with(|s, now| {
+            let mut snapshot = Snapshot::default();
+            let mut newest = None;
+            let live = |h: &Holder, role| {
+                (h.expires > now).then(|| RawHolder {
+                    role,
+                    token: h.token.clone(),
+                    ttl: Some(h.expires - now),
+                })
+            };
+            for (key, role) in [
+                (&keys.mutex, Role::Mutex),
+                (&keys.sem, Role::Permit),
+                (&keys.writer, Role::Writer),
+                (&keys.readers, Role::Reader),
+            ] {
+                let Some(entry) = s.keys.get(key) else {
+                    continue;
+                };
+                let holders = match &entry.value {
+                    Value::One(h) => std::slice::from_ref(h),
+                    Value::Many(v) => v.as_slice(),
+                };
+                for h in holders {
+                    if let Some(raw) = live(h, role) {
+                        newest = newest.max(Some(h.fence));
+                        snapshot.holders.push(raw);
+                    }
+                }
+                if role == Role::Permit && holders.iter().any(|h| h.expires > now) {
+                    snapshot.permits = entry.max;
+                }
+            }
+            if let Some(Entry {
+                value: Value::One(h),
+                ..
+            }) = s.keys.get(&keys.intent)
+            {
+                snapshot.intent = live(h, Role::Writer);
+            }
+            snapshot.fence = newest;
+            snapshot
+        })
+    }
+
+    /// The names with a live holder under `prefix` matching `pattern`.
+    pub(crate) fn held_names(&self, prefix: &str, pattern: &str) -> Vec<String> {
+        self.with(|s, now| {
+            s.keys
+                .iter()
+                .filter(|(_, e)| match &e.value {
+                    Value::One(h) => h.expires > now,
+                    Value::Many(v) => v.iter().any(|h| h.expires > now),
+                })
+                .filter_map(|(key, _)| holder_name(prefix, key))
+                .filter(|name| crate::inspect::glob_match(pattern, name))
+                .map(str::to_owned)
+                .collect()
+        })
+    }
+
     pub(crate) fn force_unlock(&self, holders: &[String], channel: &str) -> bool {
         let existed = self.with(|s, now| {
             let mut live = false;
@@ -360,4 +455,47 @@ fn remove_holder(s: &mut State, key: &str, token: &str, now: Instant) -> bool {
         s.keys.remove(key);
     }
     live
+}
+
+/// An in-memory lock store: what one Redis server is to several replicas, for
+/// lockers in one process. Clones share the store.
+///
+/// Its methods are test hooks: they do what an operator with `redis-cli`
+/// would.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+/// use distlock::{Locker, MemoryStore};
+///
+/// let store = MemoryStore::new();
+/// let replica_a = Locker::builder().memory_store(store.clone()).build().await?;
+/// let replica_b = Locker::builder().memory_store(store.clone()).build().await?;
+/// let guard = replica_a.lock("job").acquire().await?;
+/// assert!(replica_b.lock("job").try_acquire().await?.is_none());
+/// assert!(store.contains("job"));
+/// store.delete("job"); // behind the holder's back: it learns at its next renewal
+/// # drop(guard);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore(pub(crate) MemoryBackend);
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore(MemoryBackend::new())
+    }
+
+    /// Deletes the lock on `key` whoever holds it, telling no holder (they learn
+    /// at their next renewal, as with `DEL` on Redis). Returns whether it was held.
+    pub fn delete(&self, key: &str) -> bool {
+        self.0.delete(key)
+    }
+
+    /// True if the lock on `key` is held (and not expired).
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.contains(key)
+    }
 }

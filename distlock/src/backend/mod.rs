@@ -3,7 +3,7 @@
 //! Every operation is one round trip (one script); the enum dispatches without
 //! boxing on the hot path.
 
-mod conn;
+pub(crate) mod connect;
 pub(crate) mod memory;
 pub(crate) mod redis;
 pub(crate) mod redlock;
@@ -13,7 +13,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::key::Keys;
+use crate::inspect::Role;
+use crate::key::{InspectKeys, Keys};
 use crate::notify::Subscription;
 
 /// Erases a backend future's type: redis-rs's futures (and Redlock's fan-out
@@ -25,6 +26,14 @@ fn boxed<'a, T>(
     fut: impl Future<Output = T> + Send + 'a,
 ) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
     Box::pin(fut)
+}
+
+/// Where the in-memory backend's operations, which never wait, give the
+/// runtime a turn once the task's cooperative budget is spent, as a network
+/// operation would: a loop of memory acquisitions on a current-thread runtime
+/// must still let the keeper run.
+async fn yield_now() {
+    tokio::task::coop::consume_budget().await;
 }
 
 /// The outcome of one acquire attempt.
@@ -39,11 +48,95 @@ pub(crate) enum Attempt {
 /// One lease to renew in a batch.
 #[derive(Debug, Clone)]
 pub(crate) struct Renewal {
-    pub(crate) key: String,
-    /// The token is a sorted-set member (semaphore, reader), not a string value.
-    pub(crate) shared: bool,
+    /// The lock's names: where the token lives, and for a semaphore the
+    /// permit count, which lives as long as the permits do.
+    pub(crate) keys: Keys,
     pub(crate) token: String,
     pub(crate) ttl: Duration,
+}
+
+/// One holder as a backend read it. The token never leaves the crate: only
+/// its owner tag is shown (see [`crate::Holder`]), and `Debug` omits it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct RawHolder {
+    pub(crate) role: Role,
+    pub(crate) token: String,
+    /// Time left on the server's clock; `None` for a key without a TTL.
+    pub(crate) ttl: Option<Duration>,
+}
+
+impl std::fmt::Debug for RawHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawHolder")
+            .field("role", &self.role)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one read of a lock name found, of every kind.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) holders: Vec<RawHolder>,
+    /// A reader-writer lock's waiting writer.
+    pub(crate) intent: Option<RawHolder>,
+    /// The fencing counter: the latest token granted on the name.
+    pub(crate) fence: Option<u64>,
+    /// A semaphore's permit count.
+    pub(crate) permits: Option<u32>,
+}
+
+/// What a majority of Redlock servers hold, from the views of those that
+/// answered: a holder is reported when `quorum` views list its token, with
+/// the time left until fewer than `quorum` servers hold it (the
+/// `quorum`-th longest of its times left); the waiting writer likewise; the
+/// fencing counter is the `quorum`-th highest, the highest value a majority
+/// has reached (an acquisition writes its token back to the majority that
+/// granted it, while a server outside that majority may have minted a
+/// higher one of its own); the permit count is the highest seen.
+pub(crate) fn majority_view(views: &[Snapshot], quorum: usize) -> Snapshot {
+    fn agreed<'a>(all: impl Iterator<Item = &'a RawHolder>, quorum: usize) -> Vec<RawHolder> {
+        let mut by_token: Vec<(&RawHolder, Vec<Option<Duration>>)> = Vec::new();
+        for h in all {
+            match by_token
+                .iter_mut()
+                .find(|(seen, _)| seen.role == h.role && seen.token == h.token)
+            {
+                Some((_, ttls)) => ttls.push(h.ttl),
+                None => by_token.push((h, vec![h.ttl])),
+            }
+        }
+        by_token
+            .into_iter()
+            .filter(|(_, ttls)| ttls.len() >= quorum)
+            .map(|(h, mut ttls)| {
+                // Longest first, a key without a TTL longest of all.
+                ttls.sort_unstable_by(|a, b| match (a, b) {
+                    (None, None) => std::cmp::Ordering::Equal,
+                    (None, Some(_)) => std::cmp::Ordering::Less,
+                    (Some(_), None) => std::cmp::Ordering::Greater,
+                    (Some(a), Some(b)) => b.cmp(a),
+                });
+                RawHolder {
+                    role: h.role,
+                    token: h.token.clone(),
+                    ttl: ttls.get(quorum.saturating_sub(1)).copied().flatten(),
+                }
+            })
+            .collect()
+    }
+    Snapshot {
+        holders: agreed(views.iter().flat_map(|v| &v.holders), quorum),
+        intent: agreed(views.iter().filter_map(|v| v.intent.as_ref()), quorum)
+            .into_iter()
+            .next(),
+        fence: {
+            let mut fences: Vec<u64> = views.iter().filter_map(|v| v.fence).collect();
+            fences.sort_unstable_by(|a, b| b.cmp(a));
+            fences.get(quorum.saturating_sub(1)).copied()
+        },
+        permits: views.iter().filter_map(|v| v.permits).max(),
+    }
 }
 
 /// A lease store.
@@ -54,20 +147,44 @@ pub(crate) enum Backend {
     Memory(memory::MemoryBackend),
 }
 
+/// One acquisition attempt: which lock, under which token, for how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request<'a> {
+    pub(crate) keys: &'a Keys,
+    pub(crate) token: &'a str,
+    pub(crate) expiry: Duration,
+    /// How long a writer's intent lives (the write side of a reader-writer
+    /// lock; unused otherwise).
+    pub(crate) intent: Duration,
+}
+
+impl<'a> Request<'a> {
+    /// Keys, token, expiry and intent.
+    pub(crate) fn parts(self) -> (&'a Keys, &'a str, Duration, Duration) {
+        (self.keys, self.token, self.expiry, self.intent)
+    }
+}
+
+/// An adoption's change of token: the lease holding `old` gets `new` and
+/// `ttl` more to live.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retoken<'a> {
+    pub(crate) old: &'a str,
+    pub(crate) new: &'a str,
+    pub(crate) ttl: Duration,
+}
+
 impl Backend {
     /// One attempt to take the lock. Cancel safe: if the attempt may have
     /// succeeded when the future is dropped, the token is released in the background.
-    pub(crate) async fn acquire(
-        &self,
-        keys: &Keys,
-        token: &str,
-        expiry: Duration,
-        intent: Duration,
-    ) -> Result<Attempt> {
+    pub(crate) async fn acquire(&self, req: Request<'_>) -> Result<Attempt> {
         match self {
-            Backend::Redis(b) => boxed(b.acquire(keys, token, expiry, intent)).await,
-            Backend::Redlock(b) => boxed(b.acquire(keys, token, expiry, intent)).await,
-            Backend::Memory(b) => b.acquire(keys, token, expiry, intent),
+            Backend::Redis(b) => boxed(b.acquire(req)).await,
+            Backend::Redlock(b) => boxed(b.acquire(req)).await,
+            Backend::Memory(b) => {
+                yield_now().await;
+                b.acquire(req)
+            }
         }
     }
 
@@ -76,7 +193,10 @@ impl Backend {
         match self {
             Backend::Redis(b) => boxed(b.count(keys)).await,
             Backend::Redlock(b) => boxed(b.count(keys)).await,
-            Backend::Memory(b) => Ok(b.count(keys)),
+            Backend::Memory(b) => {
+                yield_now().await;
+                Ok(b.count(keys))
+            }
         }
     }
 
@@ -90,7 +210,10 @@ impl Backend {
         let (released, hub) = match self {
             Backend::Redis(b) => (boxed(b.release(keys, token)).await, b.hub()),
             Backend::Redlock(b) => (boxed(b.release(keys, token)).await, b.hub()),
-            Backend::Memory(b) => return Ok(b.release(keys, token)),
+            Backend::Memory(b) => {
+                yield_now().await;
+                return Ok(b.release(keys, token));
+            }
         };
         if let Ok(true) = released {
             hub.released_here(&keys.channel, token);
@@ -103,7 +226,23 @@ impl Backend {
         match self {
             Backend::Redis(b) => boxed(b.extend_many(batch)).await,
             Backend::Redlock(b) => boxed(b.extend_many(batch)).await,
-            Backend::Memory(b) => Ok(b.extend_many(batch)),
+            Backend::Memory(b) => {
+                yield_now().await;
+                Ok(b.extend_many(batch))
+            }
+        }
+    }
+
+    /// Gives a held lease a new token (voiding the old one) and extends it;
+    /// `Ok(false)` if the key no longer holds the old token.
+    pub(crate) async fn retoken(&self, keys: &Keys, change: &Retoken<'_>) -> Result<bool> {
+        match self {
+            Backend::Redis(b) => boxed(b.retoken(keys, change)).await,
+            Backend::Redlock(b) => boxed(b.retoken(keys, change)).await,
+            Backend::Memory(b) => {
+                yield_now().await;
+                Ok(b.retoken(keys, change))
+            }
         }
     }
 
@@ -112,8 +251,41 @@ impl Backend {
         match self {
             Backend::Redis(b) => boxed(b.force_unlock(holders, channel)).await,
             Backend::Redlock(b) => boxed(b.force_unlock(holders, channel)).await,
-            Backend::Memory(b) => Ok(b.force_unlock(holders, channel)),
+            Backend::Memory(b) => {
+                yield_now().await;
+                Ok(b.force_unlock(holders, channel))
+            }
         }
+    }
+
+    /// Reads every holder of a lock name, of every kind: one round trip (one
+    /// per server on Redlock, sent at once).
+    pub(crate) async fn inspect(&self, keys: &InspectKeys) -> Result<Snapshot> {
+        match self {
+            Backend::Redis(b) => boxed(b.inspect(keys)).await,
+            Backend::Redlock(b) => boxed(b.inspect(keys)).await,
+            Backend::Memory(b) => {
+                yield_now().await;
+                Ok(b.inspect(keys))
+            }
+        }
+    }
+
+    /// The names of the locks held under `prefix` whose names match the glob
+    /// `pattern`, sorted, each once (`SCAN`, on every master of a cluster and
+    /// every server of a Redlock).
+    pub(crate) async fn held_names(&self, prefix: &str, pattern: &str) -> Result<Vec<String>> {
+        let mut names = match self {
+            Backend::Redis(b) => boxed(b.held_names(prefix, pattern)).await?,
+            Backend::Redlock(b) => boxed(b.held_names(prefix, pattern)).await?,
+            Backend::Memory(b) => {
+                yield_now().await;
+                b.held_names(prefix, pattern)
+            }
+        };
+        names.sort_unstable();
+        names.dedup();
+        Ok(names)
     }
 
     /// Subscribes to the release channel of `keys`; `false` when the subscription
@@ -123,6 +295,30 @@ impl Backend {
             Backend::Redis(b) => boxed(b.subscribe(&keys.channel, ack_wait)).await,
             Backend::Redlock(b) => boxed(b.subscribe(&keys.channel, ack_wait)).await,
             Backend::Memory(b) => b.hub().subscribe(&keys.channel, ack_wait).await,
+        }
+    }
+
+    /// The longest one acquire attempt can take before the backend gives up
+    /// on it (each try bounded by the operation timeout, a connection by the
+    /// connect timeout).
+    pub(crate) fn attempt_bound(&self) -> Duration {
+        match self {
+            Backend::Redis(b) => b.attempt_bound(),
+            // The slowest server's attempt, then the fencing write-back.
+            Backend::Redlock(b) => {
+                let slowest = b.servers().map(redis::RedisBackend::attempt_bound).max();
+                slowest.unwrap_or_default() + b.op_timeout()
+            }
+            Backend::Memory(_) => Duration::ZERO,
+        }
+    }
+
+    /// Waits, at most `bound`, for what the backend's operations left running
+    /// in the background (Redlock's calls to the servers that answered after
+    /// the majority).
+    pub(crate) async fn settle(&self, bound: Duration) {
+        if let Backend::Redlock(b) = self {
+            b.settle(bound).await;
         }
     }
 

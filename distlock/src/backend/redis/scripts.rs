@@ -1,0 +1,656 @@
+//! The Lua scripts of the Redis backend, how each is invoked, and how an
+//! acquire reply is read.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{Script, Value};
+
+use super::millis;
+use crate::backend::{Attempt, RawHolder, Snapshot};
+use crate::error::{Error, Result};
+use crate::inspect::Role;
+use crate::key::{Keys, LockKind};
+
+/// How long the fencing counter outlives its creation. When it expires (or Redis
+/// restarts empty) it starts again from the server's clock, so a token never
+/// repeats.
+pub(super) const FENCE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Lua that mints the next fencing token into `f`: one more than the counter.
+/// A counter that does not exist (first use, expired, or lost in a restart)
+/// starts from the server's clock in microseconds, with a TTL, so tokens keep
+/// increasing across its loss: one acquisition per microsecond for the
+/// counter's 7 days would be needed to overtake the clock.
+/// Expects `KEYS[FENCE]` and the fence TTL in `ARGV[FTTL]`; the argument is the
+/// Lua that undoes the acquisition when the counter is corrupt (not an integer,
+/// or at its limit), which is then an error and leaves nothing held.
+macro_rules! mint_fence {
+    ($undo:literal) => {
+        concat!(
+            r"
+  local f = redis.pcall('incr', KEYS[FENCE])
+  if type(f) == 'table' then
+    ",
+            $undo,
+            r"
+    return redis.error_reply('ERR fencing counter ' .. KEYS[FENCE] .. ': ' .. tostring(f.err))
+  end
+  if f == 1 then
+    local t = redis.call('time')
+    f = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    redis.call('set', KEYS[FENCE], string.format('%.0f', f), 'PX', ARGV[FTTL])
+  end
+  f = string.format('%.0f', f)
+"
+        )
+    };
+}
+
+/// Lua that defines `reg()`: the expiry register's value when `ARGV[5]` asks
+/// for it (the register is the last key), else nothing.
+macro_rules! register {
+    () => {
+        r"
+local function reg()
+  if ARGV[5] == '1' then return redis.call('get', KEYS[#KEYS]) end
+  return false
+end
+"
+    };
+}
+
+/// Lua that sets `now` to the server's clock in milliseconds.
+macro_rules! now_ms {
+    () => {
+        r"
+local t0 = redis.call('time')
+local nowms = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
+"
+    };
+}
+
+/// Acquire a mutex (or a reader-writer lock's write side): set-if-absent, mint a
+/// fencing token, or report how long the holder has left.
+///
+/// KEYS: lock, fence, then readers and intent (write side only), then the
+/// expiry register (when ARGV[5] is `1`).
+/// ARGV: token, expiry ms, fence ttl ms, intent ms (0: a mutex), `1` to read
+/// the expiry register.
+/// Returns `{1, fence, register}` when acquired (also when the key already
+/// holds our token: a retried attempt), `{0, ms left, register}` when held,
+/// `{2, type}` for a key of another type.
+///
+/// A mutex tries `SET NX` first: an uncontended acquisition is two commands
+/// (`SET`, `INCR`), and a `GET` of the register. `SET NX` leaves a key of any
+/// type alone.
+const ACQUIRE_EXCLUSIVE: &str = concat!(
+    "local FENCE, FTTL = 2, 3\n",
+    register!(),
+    r"
+local write = ARGV[4] ~= '0'
+if not write and redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    r"
+  return {1, f, reg()}
+end
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'string' and kind ~= 'none' then return {2, kind} end
+if kind == 'string' then
+  if redis.call('get', KEYS[1]) == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return {1, redis.call('get', KEYS[2]) or '0', reg()}
+  end
+  return {0, tostring(redis.call('pttl', KEYS[1])), reg()}
+end
+if write then
+  local rk = redis.call('type', KEYS[3])['ok']
+  if rk ~= 'zset' and rk ~= 'none' then return {2, rk} end
+",
+    now_ms!(),
+    r"
+  redis.call('zremrangebyscore', KEYS[3], '-inf', nowms)
+  local first = redis.call('zrange', KEYS[3], 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    redis.call('set', KEYS[4], ARGV[1], 'PX', ARGV[4])
+    return {0, tostring(math.max(1, tonumber(first[2]) - nowms)), reg()}
+  end
+end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if write then redis.call('del', KEYS[4]) end
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    "return {1, f, reg()}\n"
+);
+
+/// Acquire a semaphore permit or a read lock: a member of a sorted set scored by
+/// its expiry on the server's clock; expired members are purged first.
+///
+/// KEYS: holders, fence, then for a semaphore its max key, for a reader the
+/// writer and the intent; then the expiry register (when ARGV[5] is `1`).
+/// ARGV: token, expiry ms, fence ttl ms, max (semaphore) or 0 (reader), `1` to
+/// read the expiry register.
+/// Returns as `ACQUIRE_EXCLUSIVE`, plus `{3, stored max}` when the semaphore
+/// exists with another permit count.
+const ACQUIRE_SHARED: &str = concat!(
+    "local FENCE, FTTL = 2, 3\n",
+    register!(),
+    r"
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return {2, kind} end
+",
+    now_ms!(),
+    r"
+redis.call('zremrangebyscore', KEYS[1], '-inf', nowms)
+local ttl = tonumber(ARGV[2])
+if redis.call('zscore', KEYS[1], ARGV[1]) then
+  redis.call('zadd', KEYS[1], nowms + ttl, ARGV[1])
+  if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
+  return {1, redis.call('get', KEYS[2]) or '0', reg()}
+end
+local count = redis.call('zcard', KEYS[1])
+local max = tonumber(ARGV[4])
+if max > 0 then
+  local stored = redis.pcall('get', KEYS[3])
+  if type(stored) == 'string' and count > 0 and tonumber(stored) ~= max then return {3, stored} end
+  if count >= max then
+    local first = redis.call('zrange', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, tostring(math.max(1, tonumber(first[2]) - nowms)), reg()}
+  end
+else
+  local wk = redis.call('type', KEYS[3])['ok']
+  if wk ~= 'string' and wk ~= 'none' then return {2, wk} end
+  local w = redis.call('pttl', KEYS[3])
+  if w ~= -2 then return {0, tostring(w), reg()} end
+  local i = redis.call('pttl', KEYS[4])
+  if i > 0 then return {0, tostring(i), reg()} end
+end
+redis.call('zadd', KEYS[1], nowms + ttl, ARGV[1])
+if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
+if max > 0 then redis.call('set', KEYS[3], ARGV[4], 'PX', redis.call('pttl', KEYS[1])) end
+",
+    mint_fence!("redis.call('zrem', KEYS[1], ARGV[1])"),
+    "return {1, f, reg()}\n"
+);
+
+/// Adopt a detached lease: replace its token with a new one and extend it,
+/// if it still holds the old token. The old token is void afterwards, so a
+/// second adoption of the same lease fails.
+///
+/// KEYS: lock, then for a semaphore its count key. ARGV: kind (`s` string, `z`
+/// sorted set, `m` semaphore), old token, new token, ttl ms.
+const RETOKEN: &str = concat!(
+    now_ms!(),
+    r"
+local kind, old, new, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if kind == 's' then
+  if redis.pcall('get', KEYS[1]) ~= old then return 0 end
+  redis.call('set', KEYS[1], new, 'PX', ttl)
+  return 1
+end
+local score = redis.pcall('zscore', KEYS[1], old)
+if type(score) ~= 'string' or tonumber(score) <= nowms then return 0 end
+redis.call('zrem', KEYS[1], old)
+redis.call('zadd', KEYS[1], nowms + ttl, new)
+if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
+if kind == 'm' then redis.call('pexpire', KEYS[2], redis.call('pttl', KEYS[1])) end
+return 1
+"
+);
+
+/// Raises the expiry register (the longest lease expiry any locker with this
+/// key prefix has used on this server, in ms) to at least `ARGV[1]`, and
+/// returns it.
+///
+/// KEYS: the register. ARGV: expiry ms.
+const REGISTER: &str = r"
+local v = tonumber(redis.pcall('get', KEYS[1])) or 0
+if v < tonumber(ARGV[1]) then
+  v = tonumber(ARGV[1])
+  redis.call('set', KEYS[1], ARGV[1])
+end
+return v
+";
+
+/// Release: compare-and-delete a string, or remove a live sorted-set member;
+/// then wake waiters.
+///
+/// KEYS: lock, channel. ARGV: token, `s` (string) or `z` (sorted set).
+const RELEASE: &str = concat!(
+    r"
+local ok = 0
+if ARGV[2] == 'z' then
+",
+    now_ms!(),
+    r"
+  local score = redis.pcall('zscore', KEYS[1], ARGV[1])
+  if type(score) == 'string' then
+    redis.call('zrem', KEYS[1], ARGV[1])
+    if tonumber(score) > nowms then ok = 1 end
+  end
+elseif redis.pcall('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  ok = 1
+end
+if ok == 1 then redis.call('publish', KEYS[2], ARGV[1]) end
+return ok
+"
+);
+
+/// Extend a batch: compare-and-pexpire each string, or push each live
+/// sorted-set member's expiry. A semaphore's permit count lives as long as its
+/// permits (so a process with another count is refused while they are held).
+///
+/// KEYS: per lease its lock key, then for a semaphore (`m`) its count key.
+/// ARGV: kind (`s` string, `z` sorted set, `m` semaphore), token, ttl ms, for
+/// each lease in turn.
+const EXTEND_MANY: &str = concat!(
+    now_ms!(),
+    r"
+local out = {}
+local k = 1
+for i = 1, #ARGV / 3 do
+  local kind, tok, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], tonumber(ARGV[3 * i])
+  local key = KEYS[k]
+  k = k + 1
+  out[i] = 0
+  if kind == 's' then
+    if redis.pcall('get', key) == tok then
+      redis.call('pexpire', key, ttl)
+      out[i] = 1
+    end
+  else
+    local score = redis.pcall('zscore', key, tok)
+    if type(score) == 'string' and tonumber(score) > nowms then
+      redis.call('zadd', key, 'XX', nowms + ttl, tok)
+      if redis.call('pttl', key) < ttl then redis.call('pexpire', key, ttl) end
+      out[i] = 1
+    end
+    if kind == 'm' then
+      if out[i] == 1 then redis.call('pexpire', KEYS[k], redis.call('pttl', key)) end
+      k = k + 1
+    end
+  end
+end
+return out
+"
+);
+
+/// Count a semaphore's live holders, purging expired ones.
+///
+/// KEYS: holders.
+const COUNT: &str = concat!(
+    now_ms!(),
+    r"
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return redis.error_reply('WRONGTYPE ' .. kind) end
+redis.call('zremrangebyscore', KEYS[1], '-inf', nowms)
+return redis.call('zcard', KEYS[1])
+"
+);
+
+/// Raises a fencing counter to at least `ARGV[1]` (Redlock's write-back).
+///
+/// KEYS: fence. ARGV: floor, ttl ms.
+const FENCE_FLOOR: &str = r"
+local c = tonumber(redis.pcall('get', KEYS[1]) or '0') or 0
+if c < tonumber(ARGV[1]) then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+";
+
+/// Force-unlock: delete every holder of the name, then wake waiters.
+///
+/// KEYS: holder keys..., channel (last). ARGV: the message (unique per call).
+const FORCE_UNLOCK: &str = r"
+local n = 0
+for i = 1, #KEYS - 1 do n = n + redis.call('del', KEYS[i]) end
+redis.call('publish', KEYS[#KEYS], ARGV[1])
+return n
+";
+
+/// Inspect: every holder of a lock name, of every kind, read without writing
+/// (expired sorted-set members are skipped, not purged).
+///
+/// KEYS: mutex, semaphore, semaphore max, writer, readers, intent, fence.
+/// Returns `{fence or false, max or false, role, token, ms left, ...}` where a
+/// role is `m` (mutex), `p` (permit), `r` (reader), `w` (writer) or `i` (a
+/// waiting writer's intent), and ms left is `-1` for a key without a TTL.
+/// Keys of another type (not ours) are skipped.
+const INSPECT: &str = concat!(
+    now_ms!(),
+    r"
+local out = {redis.pcall('get', KEYS[7]), redis.pcall('get', KEYS[3])}
+for i = 1, 2 do
+  if type(out[i]) ~= 'string' then out[i] = false end
+end
+local function one(key, role)
+  if redis.call('type', key)['ok'] == 'string' then
+    local left = redis.call('pttl', key)
+    if left ~= -2 then
+      table.insert(out, role)
+      table.insert(out, redis.call('get', key))
+      table.insert(out, tostring(left))
+    end
+  end
+end
+local function many(key, role)
+  if redis.call('type', key)['ok'] == 'zset' then
+    local m = redis.call('zrangebyscore', key, '(' .. nowms, '+inf', 'WITHSCORES')
+    for i = 1, #m, 2 do
+      table.insert(out, role)
+      table.insert(out, m[i])
+      table.insert(out, string.format('%.0f', tonumber(m[i + 1]) - nowms))
+    end
+  end
+end
+one(KEYS[1], 'm')
+many(KEYS[2], 'p')
+one(KEYS[4], 'w')
+many(KEYS[5], 'r')
+one(KEYS[6], 'i')
+return out
+"
+);
+
+pub(super) struct Scripts {
+    pub(super) exclusive: Script,
+    pub(super) shared: Script,
+    pub(super) release: Script,
+    pub(super) extend_many: Script,
+    pub(super) count: Script,
+    pub(super) fence_floor: Script,
+    pub(super) force_unlock: Script,
+    pub(super) register: Script,
+    pub(super) retoken: Script,
+    pub(super) inspect: Script,
+}
+
+pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    exclusive: Script::new(ACQUIRE_EXCLUSIVE),
+    shared: Script::new(ACQUIRE_SHARED),
+    release: Script::new(RELEASE),
+    extend_many: Script::new(EXTEND_MANY),
+    count: Script::new(COUNT),
+    fence_floor: Script::new(FENCE_FLOOR),
+    force_unlock: Script::new(FORCE_UNLOCK),
+    register: Script::new(REGISTER),
+    retoken: Script::new(RETOKEN),
+    inspect: Script::new(INSPECT),
+});
+
+/// Every script's source, for [`preload`] (a unit test checks that it names
+/// every script of [`SCRIPTS`]).
+const SOURCES: [&str; 10] = [
+    ACQUIRE_EXCLUSIVE,
+    ACQUIRE_SHARED,
+    RELEASE,
+    EXTEND_MANY,
+    COUNT,
+    FENCE_FLOOR,
+    FORCE_UNLOCK,
+    REGISTER,
+    RETOKEN,
+    INSPECT,
+];
+
+/// Loads every script into the server's script cache in one round trip.
+/// Otherwise a script's first use on a server costs two (`EVALSHA`, refused,
+/// then the script itself): over a slow link, enough for a first renewal to
+/// time out and a lease to be lost for nothing.
+pub(super) async fn preload(conn: &mut super::Conn) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for source in SOURCES {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+    }
+    pipe.query_async(conn).await
+}
+
+/// The acquire invocation for a kind of lock; with `register`, the script
+/// also returns the expiry register's value.
+pub(super) fn acquire_invocation<'a>(
+    keys: &Keys,
+    token: &str,
+    expiry: Duration,
+    intent: Duration,
+    register: Option<&str>,
+) -> redis::ScriptInvocation<'a> {
+    let px = millis(expiry);
+    let (script, extra, fourth) = match keys.kind {
+        LockKind::Mutex => (&SCRIPTS.exclusive, [None, None], 0),
+        LockKind::Write => (
+            &SCRIPTS.exclusive,
+            [Some(&keys.aux), Some(&keys.intent)],
+            millis(intent),
+        ),
+        LockKind::Semaphore { max } => (&SCRIPTS.shared, [Some(&keys.aux), None], u64::from(max)),
+        LockKind::Read => (&SCRIPTS.shared, [Some(&keys.aux), Some(&keys.intent)], 0),
+    };
+    let mut inv = script.prepare_invoke();
+    inv.key(&keys.lock).key(&keys.fence);
+    for k in extra.into_iter().flatten() {
+        inv.key(k);
+    }
+    if let Some(register) = register {
+        inv.key(register);
+    }
+    inv.arg(token)
+        .arg(px)
+        .arg(FENCE_TTL_MS)
+        .arg(fourth)
+        .arg(if register.is_some() { "1" } else { "0" });
+    inv
+}
+
+pub(super) fn kind_flag(shared: bool) -> &'static str {
+    if shared {
+        "z"
+    } else {
+        "s"
+    }
+}
+
+pub(super) fn parse_attempt(keys: &Keys, reply: &[Value]) -> Result<Attempt> {
+    let bad = || Error::Redis {
+        source: format!("unexpected acquire reply: {reply:?}").into(),
+    };
+    let code: i64 = reply
+        .first()
+        .and_then(|v| redis::from_redis_value_ref(v).ok())
+        .ok_or_else(bad)?;
+    let text: String = reply
+        .get(1)
+        .and_then(|v| redis::from_redis_value_ref(v).ok())
+        .ok_or_else(bad)?;
+    match code {
+        1 => text
+            .parse()
+            .map(|fence| Attempt::Acquired { fence })
+            .map_err(|_| bad()),
+        0 => {
+            let pttl: i64 = text.parse().map_err(|_| bad())?;
+            let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+            Ok(Attempt::Held { ttl })
+        }
+        2 => Err(Error::WrongType {
+            key: crate::error::shorten(&keys.name),
+            found: text,
+        }),
+        3 => Err(Error::config(format!(
+            "semaphore `{}` exists with {text} permits, not {}",
+            crate::error::shorten(&keys.name),
+            match keys.kind {
+                LockKind::Semaphore { max } => max,
+                _ => 0,
+            }
+        ))),
+        _ => Err(bad()),
+    }
+}
+
+/// Reads an inspection reply (see `INSPECT`).
+pub(super) fn parse_snapshot(reply: &[Value]) -> Result<Snapshot> {
+    let bad = || Error::Redis {
+        source: "unexpected inspection reply".into(),
+    };
+    let text = |v: &Value| -> Option<String> { redis::from_redis_value_ref(v).ok() };
+    let number = |i: usize| -> Result<Option<u64>> {
+        match reply.get(i) {
+            None => Err(bad()),
+            Some(Value::Nil) => Ok(None),
+            // A value we did not write (not a number): nothing to report.
+            Some(v) => Ok(text(v).and_then(|t| t.parse().ok())),
+        }
+    };
+    let fence = number(0)?;
+    let permits = number(1)?.and_then(|m| u32::try_from(m).ok());
+    let mut snapshot = Snapshot {
+        holders: Vec::new(),
+        intent: None,
+        fence,
+        permits,
+    };
+    for entry in reply.get(2..).unwrap_or_default().chunks(3) {
+        let [role, token, left] = entry else {
+            return Err(bad());
+        };
+        let (role, token, left) = (
+            text(role).ok_or_else(bad)?,
+            text(token).ok_or_else(bad)?,
+            text(left).ok_or_else(bad)?,
+        );
+        let left: i64 = left.parse().map_err(|_| bad())?;
+        let ttl = u64::try_from(left).ok().map(Duration::from_millis);
+        let (role, intent) = match role.as_str() {
+            "m" => (Role::Mutex, false),
+            "p" => (Role::Permit, false),
+            "r" => (Role::Reader, false),
+            "w" => (Role::Writer, false),
+            "i" => (Role::Writer, true),
+            _ => return Err(bad()),
+        };
+        let holder = RawHolder { role, token, ttl };
+        if intent {
+            snapshot.intent = Some(holder);
+        } else {
+            snapshot.holders.push(holder);
+        }
+    }
+    Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preload_loads_every_script() {
+        let loaded: Vec<String> = SOURCES
+            .iter()
+            .map(|s| Script::new(s).get_hash().to_owned())
+            .collect();
+        // No `..`: a new script is a compile error here until it is listed.
+        let Scripts {
+            exclusive,
+            shared,
+            release,
+            extend_many,
+            count,
+            fence_floor,
+            force_unlock,
+            register,
+            retoken,
+            inspect,
+        } = &*SCRIPTS;
+        for (name, script) in [
+            ("exclusive", exclusive),
+            ("shared", shared),
+            ("release", release),
+            ("extend_many", extend_many),
+            ("count", count),
+            ("fence_floor", fence_floor),
+            ("force_unlock", force_unlock),
+            ("register", register),
+            ("retoken", retoken),
+            ("inspect", inspect),
+        ] {
+            assert!(
+                loaded.iter().any(|h| h == script.get_hash()),
+                "{name} is not in SOURCES"
+            );
+        }
+    }
+
+    fn keys(kind: LockKind) -> Keys {
+        Keys::new("t:", "job", kind).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn reply(code: i64, text: &str) -> Vec<Value> {
+        vec![
+            Value::Int(code),
+            Value::BulkString(text.as_bytes().to_vec()),
+        ]
+    }
+
+    #[test]
+    fn a_grant_carries_its_fencing_token() {
+        let got = parse_attempt(&keys(LockKind::Mutex), &reply(1, "1800000000000001"));
+        assert!(matches!(
+            got,
+            Ok(Attempt::Acquired {
+                fence: 1_800_000_000_000_001
+            })
+        ));
+        // Tokens use the whole u64 range; beyond it the reply is an error.
+        let max = u64::MAX.to_string();
+        let got = parse_attempt(&keys(LockKind::Mutex), &reply(1, &max));
+        assert!(matches!(got, Ok(Attempt::Acquired { fence: u64::MAX })));
+        let over = "18446744073709551616";
+        assert!(matches!(
+            parse_attempt(&keys(LockKind::Mutex), &reply(1, over)),
+            Err(Error::Redis { .. })
+        ));
+    }
+
+    #[test]
+    fn a_held_lock_says_how_long_it_has_left_when_the_server_knows() {
+        let got = parse_attempt(&keys(LockKind::Mutex), &reply(0, "250"));
+        assert!(
+            matches!(got, Ok(Attempt::Held { ttl: Some(d) }) if d == Duration::from_millis(250))
+        );
+        // PTTL answers -1 for a key without expiry: held, time unknown.
+        let got = parse_attempt(&keys(LockKind::Mutex), &reply(0, "-1"));
+        assert!(matches!(got, Ok(Attempt::Held { ttl: None })));
+    }
+
+    #[test]
+    fn other_types_and_other_permit_counts_are_named() {
+        let got = parse_attempt(&keys(LockKind::Mutex), &reply(2, "list"));
+        assert!(matches!(got, Err(Error::WrongType { ref found, .. }) if found == "list"));
+        let got = parse_attempt(&keys(LockKind::Semaphore { max: 3 }), &reply(3, "5"));
+        assert!(
+            matches!(got, Err(Error::Config { message: ref m, .. }) if m.contains("5 permits, not 3")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        let k = keys(LockKind::Mutex);
+        for bad in [
+            vec![],
+            vec![Value::Int(1)],
+            reply(1, "not a number"),
+            reply(0, "soon"),
+            reply(7, "1"),
+            vec![Value::Nil, Value::Nil],
+        ] {
+            assert!(
+                matches!(parse_attempt(&k, &bad), Err(Error::Redis { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The Redis backend's background tasks: the pub/sub connection that turns
+//! release messages into wake-ups, and in Sentinel mode the watcher that
+//! follows the master. Each borrows what it needs from the backend
+//! ([`Lent`]), so that a task dropped with its runtime starts again on the
+//! next one.
+
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{RedisBackend, RedisSettings, Shared};
+use crate::notify::{Hub, SubCmd};
+
+/// Where the pub/sub connection goes.
+pub(crate) enum PubSubSource {
+    /// These nodes, in turn (one server, or a cluster's seeds).
+    Nodes(Vec<redis::Client>),
+    /// The master Sentinel names now.
+    Sentinel(Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
+}
+
+impl PubSubSource {
+    /// A client for the `attempt`th connection.
+    async fn client(&self, attempt: usize) -> Option<redis::Client> {
+        match self {
+            PubSubSource::Nodes(nodes) => nodes.get(attempt % nodes.len().max(1)).cloned(),
+            PubSubSource::Sentinel(s) => s.lock().await.async_get_client().await.ok(),
+        }
+    }
+}
+
+impl RedisBackend {
+    /// The master moved: drop every connection to the old one (checked out or
+    /// idle) and move the pub/sub connection. New connections go to the master
+    /// Sentinel names now (and the new `run_id` starts the restart quarantine:
+    /// writes the old master took after the switch are gone).
+    pub(super) fn master_moved(&self) {
+        for i in 0..self.shared.slots.len() {
+            self.discard(i);
+        }
+        self.shared.pool.drop_idle();
+        self.shared.hub.reconnect();
+    }
+
+    /// Starts the `+switch-master` watcher, once, in Sentinel mode.
+    pub(super) fn start_watcher(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let taken = self
+            .shared
+            .watcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(watcher) = taken {
+            let lent = Lent::new(&self.shared, |s| &s.watcher, watcher);
+            rt.spawn(watch_sentinel(self.clone(), lent));
+        }
+    }
+
+    /// Starts the pub/sub connection task, once, if this backend has one.
+    pub(crate) fn start_pubsub(&self) {
+        let s = &self.shared;
+        let mut slot = s.pubsub.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if let Some(feed) = slot.take() {
+            rt.spawn(pubsub_task(
+                Lent::new(s, |s| &s.pubsub, feed),
+                Arc::clone(&s.hub),
+                s.shutdown.clone(),
+                s.settings.clone(),
+            ));
+        }
+    }
+}
+
+/// What a background task borrows from its backend (the pub/sub feed, the
+/// Sentinel watcher's client). Given back when the task ends, also when its
+/// runtime drops it, perhaps before ever polling it: the next operation then
+/// starts the task again on its own runtime. Nothing is given back once the
+/// backend shut down.
+struct Lent<T> {
+    home: Weak<Shared>,
+    slot: fn(&Shared) -> &Mutex<Option<T>>,
+    value: Option<T>,
+}
+
+impl<T> Lent<T> {
+    fn new(home: &Arc<Shared>, slot: fn(&Shared) -> &Mutex<Option<T>>, value: T) -> Self {
+        Lent {
+            home: Arc::downgrade(home),
+            slot,
+            value: Some(value),
+        }
+    }
+}
+
+impl<T> Drop for Lent<T> {
+    fn drop(&mut self) {
+        let (Some(home), Some(value)) = (self.home.upgrade(), self.value.take()) else {
+            return;
+        };
+        if !home.shutdown.is_cancelled() {
+            *(self.slot)(&home)
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(value);
+        }
+    }
+}
+
+/// Sentinel mode: listens for `+switch-master` on a Sentinel and moves the
+/// backend's connections to the new master. Reconnects (to any Sentinel) when
+/// its connection drops; stops with the backend.
+async fn watch_sentinel(
+    backend: RedisBackend,
+    mut lent: Lent<(redis::sentinel::SentinelClient, String)>,
+) {
+    let Some((sentinel, master)) = lent.value.as_mut() else {
+        return;
+    };
+    let master = &*master;
+    let shutdown = backend.shared.shutdown.clone();
+    let settings = backend.shared.settings.clone();
+    loop {
+        let connect = async {
+            let client = sentinel.async_get_sentinel_client().await.ok()?;
+            let mut pubsub = client.get_async_pubsub().await.ok()?;
+            pubsub.subscribe("+switch-master").await.ok()?;
+            Some(pubsub)
+        };
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(settings.connect_timeout, connect) => r,
+        };
+        if let Ok(Some(pubsub)) = connected {
+            let mut stream = pubsub.into_on_message();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    msg = stream.next() => match msg {
+                        Some(msg) => {
+                            let payload: String = msg.get_payload().unwrap_or_default();
+                            if payload.split_whitespace().next() == Some(master.as_str()) {
+                                tracing::warn!(%payload, "sentinel switched the master");
+                                backend.master_moved();
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Keeps one pub/sub connection: subscribes and unsubscribes in the order asked,
+/// turns messages into wake-ups, and reconnects (resubscribing, and waking every
+/// waiter in case a message was missed) when the connection drops.
+async fn pubsub_task(
+    mut lent: Lent<(PubSubSource, mpsc::UnboundedReceiver<SubCmd>)>,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    settings: RedisSettings,
+) {
+    let Some((source, cmds)) = lent.value.as_mut() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(50);
+    let mut next = 0usize;
+    loop {
+        let attempt = next;
+        next = next.wrapping_add(1);
+        let connect = async {
+            match source.client(attempt).await {
+                Some(client) => client.get_async_pubsub().await.ok(),
+                None => None,
+            }
+        };
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(settings.connect_timeout, connect) => r,
+        };
+        let Ok(Some(pubsub)) = connected else {
+            tracing::debug!("pub/sub connection failed; waiters fall back to timers");
+            // Answer pending subscriptions at once so waiters use their timers.
+            while let Ok(cmd) = cmds.try_recv() {
+                if let SubCmd::Subscribe(_, ack) = cmd {
+                    let _ = ack.send(false);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            continue;
+        };
+        backoff = Duration::from_millis(50);
+        let (mut sink, mut stream) = pubsub.split();
+        let mut healthy = true;
+        for channel in hub.channels() {
+            if sink.subscribe(&channel).await.is_err() {
+                healthy = false;
+                break;
+            }
+        }
+        hub.notify_all();
+        while healthy {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(SubCmd::Subscribe(channel, ack)) => {
+                        let ok = matches!(
+                            tokio::time::timeout(settings.op_timeout, sink.subscribe(&channel)).await,
+                            Ok(Ok(()))
+                        );
+                        let _ = ack.send(ok);
+                        healthy = ok;
+                    }
+                    Some(SubCmd::Reconnect) => healthy = false,
+                    Some(SubCmd::Unsubscribe(channel)) => {
+                        healthy = matches!(
+                            tokio::time::timeout(settings.op_timeout, sink.unsubscribe(&channel)).await,
+                            Ok(Ok(()))
+                        );
+                    }
+                },
+                msg = stream.next() => match msg {
+                    Some(msg) => hub.notify_message(msg.get_channel_name(), msg.get_payload_bytes()),
+                    None => healthy = false,
+                },
+            }
+        }
+        tracing::debug!("pub/sub connection lost; reconnecting");
+    }
+}
