@@ -8,6 +8,7 @@ use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::{Expr, Ident, LitStr, Path, Token};
 
+use crate::limits::{MAX_EXPIRY, MAX_HOLD, MIN_EXPIRY};
 use crate::template::Template;
 
 mod kw {
@@ -25,10 +26,17 @@ mod kw {
 const OPTIONS: &str =
     "`key`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `semaphore`, `locker`, `crate`";
 
-/// The core's bounds (`distlock::MIN_EXPIRY`, `MAX_EXPIRY`, the hold limit).
-const MIN_EXPIRY: Duration = Duration::from_millis(100);
-const MAX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The core's check of a hold bound (`at_most`, `at_least`), as
+/// `distlock`'s `check_hold`: `at_least` may be zero, `at_most` may not.
+fn hold_limit(name: &'static str) -> impl Fn(Duration) -> Option<String> {
+    move |d| {
+        let zero_ok = name == "at_least";
+        ((d.is_zero() && !zero_ok) || d > MAX_HOLD).then(|| {
+            let low = if zero_ok { "0" } else { "1ms" };
+            format!("`{name}` must be between {low} and 365 days")
+        })
+    }
+}
 
 /// The parsed arguments of `#[distributed_lock(...)]`.
 pub(crate) struct Args {
@@ -103,22 +111,17 @@ impl Parse for Args {
                 set(&mut b.on_busy, on_busy, name.span, "on_busy")?;
             } else if lookahead.peek(kw::at_least) {
                 let name = input.parse::<kw::at_least>()?;
-                let d = duration(input, "at_least", |d| {
-                    (d > MAX_HOLD).then_some("`at_least` must be at most 365 days")
-                })?;
+                let d = duration(input, "at_least", hold_limit("at_least"))?;
                 set(&mut b.at_least, d, name.span, "at_least")?;
             } else if lookahead.peek(kw::at_most) {
                 let name = input.parse::<kw::at_most>()?;
-                let d = duration(input, "at_most", |d| {
-                    (d.is_zero() || d > MAX_HOLD)
-                        .then_some("`at_most` must be between 1ms and 365 days")
-                })?;
+                let d = duration(input, "at_most", hold_limit("at_most"))?;
                 set(&mut b.at_most, d, name.span, "at_most")?;
             } else if lookahead.peek(kw::expiry) {
                 let name = input.parse::<kw::expiry>()?;
                 let d = duration(input, "expiry", |d| {
                     (d < MIN_EXPIRY || d > MAX_EXPIRY)
-                        .then_some("`expiry` must be between 100ms and 24h")
+                        .then(|| "`expiry` must be between 100ms and 24h".to_owned())
                 })?;
                 set(&mut b.expiry, d, name.span, "expiry")?;
             } else if lookahead.peek(kw::locker) {
@@ -230,7 +233,7 @@ fn value<T: Parse>(input: ParseStream<'_>, name: &str, example: &str) -> syn::Re
 fn duration(
     input: ParseStream<'_>,
     name: &str,
-    bounds: impl FnOnce(Duration) -> Option<&'static str>,
+    bounds: impl FnOnce(Duration) -> Option<String>,
 ) -> syn::Result<Duration> {
     let lit = value::<LitStr>(input, name, "\"5s\"")?;
     let d = humantime::parse_duration(&lit.value()).map_err(|e| {

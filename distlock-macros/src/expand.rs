@@ -188,6 +188,8 @@ fn expand(
         None => quote_spanned!(ret.span()=> ::distlock),
     };
     let key = key(args, sig)?;
+    // The template as written names the lock in metrics: few series, one per function.
+    let name = &args.key.1;
     let locker = match &args.locker {
         Some(expr) => quote_spanned! {expr.span()=>
             #krate::__private::locker(&(#expr))
@@ -229,7 +231,10 @@ fn expand(
     // reported there.
     let call = |body: TokenStream| {
         quote_spanned! {ret.span()=>
-            #krate::__private::#run(#locker, #key, #permits, #policy, async move { #fake_return #body }).await
+            #krate::__private::#run(
+                #krate::__private::Call { locker: #locker, key: #key, name: #name, permits: #permits, policy: #policy },
+                async move { #fake_return #body },
+            ).await
         }
     };
     let body = match tokio {

@@ -39,6 +39,7 @@
 
 mod attr;
 mod expand;
+mod limits;
 mod template;
 
 /// Runs the body of an `async fn` while holding a distributed lock.

@@ -4,8 +4,7 @@
 
 use std::fmt;
 
-/// The longest key the core accepts, in bytes (`distlock::MAX_KEY_LEN`).
-const MAX_KEY_LEN: usize = 1024;
+use crate::limits::MAX_KEY_LEN;
 
 /// A parsed key template.
 #[derive(Debug, Clone, PartialEq, Eq)]
