@@ -1,4 +1,5 @@
-//! Response futures of [`LockService`](crate::LockService).
+//! Response future of [`LockService`](crate::LockService) in its default mode
+//! ([`AsError`](crate::AsError)); the HTTP mode's is `http::future::ResponseFuture`.
 //!
 //! A request that is not locked (its key extractor returned `None`) is served by
 //! the inner future as it is. A locked request is served by a boxed future that
@@ -30,8 +31,10 @@ pin_project! {
 }
 
 pin_project! {
+    /// What a response future drives: the inner future as it is, or the boxed
+    /// run of a locked request. Shared with the HTTP mode's future.
     #[project = KindProj]
-    enum Kind<F, T, E> {
+    pub(crate) enum Kind<F, T, E> {
         Passthrough {
             #[pin]
             future: F,
@@ -76,67 +79,5 @@ impl<F, T> fmt::Debug for ResponseFuture<F, T> {
         f.debug_struct("ResponseFuture")
             .field("locked", &matches!(self.kind, Kind::Locked { .. }))
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(feature = "http")]
-pub use self::http::HttpResponseFuture;
-
-#[cfg(feature = "http")]
-mod http {
-    use std::task::ready;
-
-    use super::*;
-    use crate::body::LockBody;
-    use ::http::Response;
-
-    pin_project! {
-        /// Response future of [`LockService`](crate::LockService) with
-        /// [`AsResponse`](crate::http::AsResponse): lock failures are error
-        /// responses, and the inner service's error `E` passes through.
-        #[must_use = "futures do nothing unless polled"]
-        pub struct HttpResponseFuture<F, B, E> {
-            #[pin]
-            kind: Kind<F, Response<LockBody<B>>, E>,
-        }
-    }
-
-    impl<F, B, E> HttpResponseFuture<F, B, E> {
-        pub(crate) fn passthrough(future: F) -> Self {
-            HttpResponseFuture {
-                kind: Kind::Passthrough { future },
-            }
-        }
-
-        pub(crate) fn locked(future: BoxFuture<Result<Response<LockBody<B>>, E>>) -> Self {
-            HttpResponseFuture {
-                kind: Kind::Locked { future },
-            }
-        }
-    }
-
-    impl<F, B, E> Future for HttpResponseFuture<F, B, E>
-    where
-        F: Future<Output = Result<Response<B>, E>>,
-    {
-        type Output = Result<Response<LockBody<B>>, E>;
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            match self.project().kind.project() {
-                KindProj::Passthrough { future } => {
-                    let response = ready!(future.poll(cx))?;
-                    Poll::Ready(Ok(response.map(LockBody::new)))
-                }
-                KindProj::Locked { future } => future.as_mut().poll(cx),
-            }
-        }
-    }
-
-    impl<F, B, E> fmt::Debug for HttpResponseFuture<F, B, E> {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.debug_struct("HttpResponseFuture")
-                .field("locked", &matches!(self.kind, Kind::Locked { .. }))
-                .finish_non_exhaustive()
-        }
     }
 }

@@ -65,7 +65,8 @@ use http::Response;
 use tonic::{Code, Status};
 
 use crate::http::{AsResponse, ErrorFn, Failure, Protocol};
-use crate::layer::{AsError, LockLayer};
+use crate::layer::LockLayer;
+use crate::service::AsError;
 
 impl<K> LockLayer<K, AsError> {
     /// Answers lock failures with gRPC statuses ([`error_response`]; see the

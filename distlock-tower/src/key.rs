@@ -11,8 +11,8 @@
 //! | extractor | key |
 //! |---|---|
 //! | [`header(name)`](header) | the value of a request header |
-//! | [`path_segment(i)`](path_segment) | the `i`th segment of the URI path (`/accounts/42/withdraw`: 0 is `accounts`, 1 is `42`) |
-//! | [`path(f)`](path) | any function of the URI path |
+//! | [`path_segment(i)`](path_segment) | the `i`th segment of the URI path, percent-decoded as axum decodes it (`/accounts/42/withdraw`: 0 is `accounts`, 1 is `42`) |
+//! | [`path(f)`](path) | any function of the URI path (raw: decode what you key on with [`percent_decode`]) |
 //!
 //! Each can put a [`prefix`](Header::prefix) in front of the key, so that two
 //! routes, or two applications sharing one Redis, do not share locks by accident.
@@ -64,10 +64,11 @@ where
 }
 
 #[cfg(feature = "http")]
-pub use self::http::{header, path, path_segment, Header, Path, PathSegment};
+pub use self::http::{header, path, path_segment, percent_decode, Header, Path, PathSegment};
 
 #[cfg(feature = "http")]
 mod http {
+    use std::borrow::Cow;
     use std::fmt;
 
     use ::http::header::HeaderName;
@@ -102,8 +103,20 @@ mod http {
     /// after the leading `/`; see [`PathSegment`].
     ///
     /// For `/accounts/42/withdraw`, segment 0 is `accounts` and segment 1 is `42`.
-    /// A path without that segment, or with an empty one, is not locked. The
-    /// segment is used as it appears in the URI (still percent-encoded).
+    /// A path without that segment, or with an empty one, is not locked.
+    ///
+    /// The key is the segment *percent-decoded*, as axum's `Path` extractor
+    /// gives it to the handler: `/accounts/42` and `/accounts/%34%32` both lock
+    /// `42`, so that no spelling of one resource escapes its lock. Decoding
+    /// follows [`percent_decode`]: an invalid escape (`%zz`) stays as it is,
+    /// and bytes that are not UTF-8 after decoding are replaced by U+FFFD (axum
+    /// refuses such a segment with 400 before the handler runs; any other
+    /// handler gets a key shared by more spellings, so it is serialized with
+    /// more requests, never fewer). The request is locked either way.
+    ///
+    /// If the handler canonicalizes further (parses `042` as the number 42,
+    /// ignores case), two spellings it treats as one resource still get two
+    /// keys: use [`path`] with the same canonicalization instead.
     ///
     /// With axum, apply the layer with `route_layer` on the routes it is meant
     /// for, so that only requests that matched them are locked.
@@ -126,6 +139,12 @@ mod http {
     /// Keys requests by a function of the URI path (without the query); see
     /// [`Path`].
     ///
+    /// The function sees the path as it is in the URI, still percent-encoded.
+    /// Key on what the handler sees: decode the part you key on with
+    /// [`percent_decode`] (as axum's `Path` extractor does), and apply the
+    /// handler's own canonicalization (a parsed number, a lower-cased name), or
+    /// two spellings of one resource get two locks.
+    ///
     /// ```
     /// use distlock_tower::{key, LockLayer};
     ///
@@ -146,6 +165,56 @@ mod http {
         Path { f }
     }
 
+    /// Percent-decodes `s` as axum's `Path` extractor does: `%XX` with two hex
+    /// digits becomes that byte, anything else (including an invalid escape
+    /// such as `%zz` or a lone `%`) stays as it is, and `+` is not a space.
+    /// Bytes that are not UTF-8 after decoding are replaced by U+FFFD.
+    ///
+    /// ```
+    /// use distlock_tower::key::percent_decode;
+    ///
+    /// assert_eq!(percent_decode("%34%32"), "42");
+    /// assert_eq!(percent_decode("a%2Fb"), "a/b");
+    /// assert_eq!(percent_decode("100%zz"), "100%zz");
+    /// ```
+    pub fn percent_decode(s: &str) -> Cow<'_, str> {
+        if !s.contains('%') {
+            return Cow::Borrowed(s);
+        }
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let escaped = match (bytes.get(i), bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(b'%'), Some(&hi), Some(&lo)) => hex(hi).zip(hex(lo)),
+                _ => None,
+            };
+            match escaped {
+                Some((hi, lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                }
+                None => {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+        }
+        match String::from_utf8(out) {
+            Ok(decoded) => Cow::Owned(decoded),
+            Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        }
+    }
+
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+
     /// The key extractor made by [`header`].
     #[derive(Debug, Clone)]
     #[must_use]
@@ -164,6 +233,8 @@ mod http {
 
     impl<B> MakeKey<Request<B>> for Header {
         fn make_key(&self, request: &Request<B>) -> Option<String> {
+            // Header values are not decoded by anyone: the handler sees these
+            // same bytes.
             let value = request.headers().get(&self.name)?;
             let value = String::from_utf8_lossy(value.as_bytes());
             Some(format!("{}{value}", self.prefix))
@@ -195,7 +266,7 @@ mod http {
                 .split('/')
                 .nth(self.index)
                 .filter(|s| !s.is_empty())?;
-            Some(format!("{}{segment}", self.prefix))
+            Some(format!("{}{}", self.prefix, percent_decode(segment)))
         }
     }
 
@@ -275,6 +346,32 @@ mod tests {
             path_segment(0).make_key(&get("/accounts")).as_deref(),
             Some("accounts")
         );
+    }
+
+    #[test]
+    fn path_segment_keys_on_the_decoded_segment_as_axum_sees_it() {
+        let key = path_segment(1).prefix("account:");
+        let plain = key.make_key(&get("/accounts/42/withdraw"));
+        assert_eq!(plain.as_deref(), Some("account:42"));
+        assert_eq!(key.make_key(&get("/accounts/%34%32/withdraw")), plain);
+        assert_eq!(key.make_key(&get("/accounts/4%32/withdraw")), plain);
+        assert_eq!(
+            key.make_key(&get("/accounts/a%2Fb/x")).as_deref(),
+            Some("account:a/b")
+        );
+        // Invalid escapes stay; non-UTF-8 is still locked, on a shared key.
+        assert_eq!(
+            key.make_key(&get("/accounts/%zz/x")).as_deref(),
+            Some("account:%zz")
+        );
+        assert_eq!(
+            key.make_key(&get("/accounts/%ff/x")).as_deref(),
+            Some("account:\u{fffd}")
+        );
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%41%"), "A%");
+        assert_eq!(percent_decode("a+b"), "a+b");
     }
 
     #[test]

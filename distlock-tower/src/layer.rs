@@ -1,9 +1,11 @@
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use distlock::{Locker, Policy};
 use tower_layer::Layer;
 
-use crate::service::LockService;
+use crate::service::{check_policy, AsError, LockService};
 
 /// Serializes requests per key across every process sharing one Redis.
 ///
@@ -45,18 +47,27 @@ pub struct LockLayer<K, M = AsError> {
     pub(crate) make_key: K,
     pub(crate) policy: Policy,
     pub(crate) mode: M,
+    /// The metrics name of its locks.
+    pub(crate) name: Option<Arc<str>>,
 }
 
-/// Lock failures as errors: the service's error is
-/// [`BoxError`](crate::BoxError), with a [`distlock::Error`] inside for lock
-/// failures. The default mode of [`LockLayer`].
-#[derive(Debug, Clone, Copy, Default)]
-#[non_exhaustive]
-pub struct AsError;
+/// How long a request waits for its lock unless the policy says otherwise:
+/// 30 seconds.
+///
+/// A request has a client waiting for it, which will not wait forever: past
+/// this, the request fails with [`distlock::Error::Timeout`] (503 with
+/// `Retry-After` in [`http`](LockLayer::http) mode, `UNAVAILABLE` in gRPC mode)
+/// rather than holding a connection, a task and a place in the lock's line for
+/// a client that has long gone. 30 s is below the usual idle timeouts of the
+/// proxies and load balancers in front of a service (60 s for nginx's
+/// `proxy_read_timeout` and for AWS load balancers), so the client gets the 503
+/// rather than the proxy's 504, and well above the time a normal same-key queue
+/// takes to drain.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 impl<K> LockLayer<K> {
     /// A layer that locks each request on the key `make_key` gives it, with
-    /// `locker` and the default policy (wait without a timeout).
+    /// `locker` and the default policy: wait up to [`DEFAULT_WAIT`] (30 s).
     ///
     /// Share one [`Locker`] between the layers of one process: its clones share
     /// the connection pool, the lease keeper and the local waiting lines.
@@ -64,8 +75,9 @@ impl<K> LockLayer<K> {
         LockLayer {
             locker,
             make_key,
-            policy: Policy::new(),
+            policy: Policy::new().timeout(DEFAULT_WAIT),
             mode: AsError,
+            name: None,
         }
     }
 }
@@ -74,13 +86,78 @@ impl<K, M> LockLayer<K, M> {
     /// How to acquire and hold: wait timeout, busy behaviour, `at_most`,
     /// `at_least` and expiry, as for [`distlock::Lock::run`].
     ///
-    /// A request needs a response, so [`OnBusy::Skip`](distlock::OnBusy::Skip)
-    /// cannot skip it: the layer treats it like
-    /// [`OnBusy::Reject`](distlock::OnBusy::Reject) and fails with
-    /// [`distlock::Error::Busy`].
+    /// A policy without a wait timeout waits [`DEFAULT_WAIT`], not forever: set
+    /// a longer [`timeout`](Policy::timeout) to wait longer.
+    ///
+    /// [`OnBusy::Skip`] has no meaning for a request, which needs an answer
+    /// (skipping it would either answer nothing or let it through unlocked):
+    /// [`try_policy`](LockLayer::try_policy) refuses it. Given here, every
+    /// locked request fails with [`distlock::Error::Config`] (500 in
+    /// [`http`](LockLayer::http) mode) without reaching the inner service: use
+    /// [`OnBusy::Reject`] to answer "busy" at once.
+    ///
+    /// [`OnBusy::Skip`]: distlock::OnBusy::Skip
+    /// [`OnBusy::Reject`]: distlock::OnBusy::Reject
     pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
+        self.policy = with_default_wait(policy);
         self
+    }
+
+    /// As [`policy`](LockLayer::policy), but refuses a policy the layer cannot
+    /// follow.
+    ///
+    /// # Errors
+    ///
+    /// [`distlock::Error::Config`] for [`OnBusy::Skip`](distlock::OnBusy::Skip).
+    ///
+    /// ```
+    /// use distlock::{OnBusy, Policy};
+    /// use distlock_tower::LockLayer;
+    ///
+    /// let layer = LockLayer::new(distlock::Locker::memory(), |_: &()| None::<String>);
+    /// let err = layer.try_policy(Policy::new().on_busy(OnBusy::Skip)).unwrap_err();
+    /// assert!(err.to_string().contains("OnBusy::Skip"));
+    /// ```
+    pub fn try_policy(self, policy: Policy) -> Result<Self, distlock::Error> {
+        check_policy(&policy)?;
+        Ok(self.policy(policy))
+    }
+
+    /// Names the layer's locks in metrics (the `name` label of
+    /// `distlock_acquired_total`, `distlock_wait_seconds`, ...; see
+    /// [`distlock::Lock::name`]): the route it guards, say
+    /// `"POST /accounts/:id/transfer"`. Never a key: each name is a time series.
+    ///
+    /// ```
+    /// use distlock_tower::{key, LockLayer};
+    ///
+    /// let layer = LockLayer::new(distlock::Locker::memory(), key::path_segment(1))
+    ///     .name("POST /accounts/:id/transfer");
+    /// # let _ = layer;
+    /// ```
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The same layer in another mode (the HTTP and gRPC modes switch with it).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn with_mode<N>(self, mode: N) -> LockLayer<K, N> {
+        LockLayer {
+            locker: self.locker,
+            make_key: self.make_key,
+            policy: self.policy,
+            mode,
+            name: self.name,
+        }
+    }
+}
+
+fn with_default_wait(policy: Policy) -> Policy {
+    if policy.wait_timeout().is_none() {
+        policy.timeout(DEFAULT_WAIT)
+    } else {
+        policy
     }
 }
 
@@ -88,7 +165,14 @@ impl<S, K: Clone, M: Clone> Layer<S> for LockLayer<K, M> {
     type Service = LockService<S, K, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LockService::new(inner, self.clone())
+        LockService::new(
+            inner,
+            self.locker.clone(),
+            self.make_key.clone(),
+            self.policy.clone(),
+            self.mode.clone(),
+        )
+        .named(self.name.clone())
     }
 }
 
@@ -99,6 +183,7 @@ impl<K: Clone, M: Clone> Clone for LockLayer<K, M> {
             make_key: self.make_key.clone(),
             policy: self.policy.clone(),
             mode: self.mode.clone(),
+            name: self.name.clone(),
         }
     }
 }
@@ -110,6 +195,7 @@ impl<K, M: fmt::Debug> fmt::Debug for LockLayer<K, M> {
             .field("make_key", &std::any::type_name::<K>())
             .field("policy", &self.policy)
             .field("mode", &self.mode)
+            .field("name", &self.name)
             .finish()
     }
 }

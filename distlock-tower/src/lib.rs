@@ -152,15 +152,13 @@
 //!
 //! | feature | default | adds |
 //! |---|---|---|
-//! | `http` | yes | `http::Request` support: [`key::header`], [`key::path_segment`], [`key::path`], `LockInfo` in the extensions, [`LockLayer::http`], [`LockBody`] |
+//! | `http` | yes | `http::Request` support: [`key::header`], [`key::path_segment`], [`key::path`], `LockInfo` in the extensions, [`LockLayer::http`], [`http::LockBody`] |
 //! | `axum` | no | `http`, and [`LockInfo`] as an axum extractor |
 //! | `tonic` | no | `http`, and `LockLayer::grpc` with the `grpc` module (tonic 0.14, Rust 1.88) |
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(feature = "http")]
-mod body;
 pub mod future;
 #[cfg(feature = "tonic")]
 pub mod grpc;
@@ -171,13 +169,11 @@ pub mod key;
 mod layer;
 mod service;
 
-#[cfg(feature = "http")]
-pub use body::LockBody;
 pub use distlock::BoxError;
 pub use info::{LockInfo, LockRequest};
 pub use key::MakeKey;
-pub use layer::{AsError, LockLayer};
-pub use service::LockService;
+pub use layer::{LockLayer, DEFAULT_WAIT};
+pub use service::{AsError, LockService};
 
 /// The README's examples, compiled as doctests.
 #[cfg(all(doctest, feature = "axum", feature = "tonic"))]

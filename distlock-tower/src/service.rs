@@ -1,17 +1,27 @@
 use std::fmt;
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
-use distlock::{Lock, Policy};
+use distlock::{Lock, Locker, OnBusy, Policy};
 use tower_service::Service;
 
-use crate::future::ResponseFuture;
+use crate::future::{BoxFuture, ResponseFuture};
 use crate::info::{LockInfo, LockRequest};
 use crate::key::MakeKey;
-use crate::layer::{AsError, LockLayer};
 use crate::BoxError;
 
-/// The service made by [`LockLayer`]: locks each request on its key while the
-/// inner service handles it.
+/// Lock failures as errors: the service's error is
+/// [`BoxError`](crate::BoxError), with a [`distlock::Error`] inside for lock
+/// failures. The default mode of [`LockLayer`](crate::LockLayer).
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct AsError;
+
+/// The service made by [`LockLayer`](crate::LockLayer): locks each request on
+/// its key while the inner service handles it.
 ///
 /// `poll_ready` is the inner service's. `call` moves the ready inner service
 /// into the response future (leaving a clone in its place), which acquires the
@@ -19,13 +29,33 @@ use crate::BoxError;
 /// held, and a readiness reservation it made (a concurrency permit, a buffer
 /// slot) is kept while the request waits for the lock.
 pub struct LockService<S, K, M = AsError> {
-    inner: S,
-    config: LockLayer<K, M>,
+    pub(crate) inner: S,
+    locker: Locker,
+    make_key: K,
+    policy: Policy,
+    /// What becomes of a lock failure: [`AsError`], or the HTTP mode's
+    /// [`AsResponse`](crate::http::AsResponse).
+    pub(crate) mode: M,
+    /// The metrics name of its locks.
+    name: Option<Arc<str>>,
 }
 
 impl<S, K, M> LockService<S, K, M> {
-    pub(crate) fn new(inner: S, config: LockLayer<K, M>) -> Self {
-        LockService { inner, config }
+    pub(crate) fn new(inner: S, locker: Locker, make_key: K, policy: Policy, mode: M) -> Self {
+        LockService {
+            inner,
+            locker,
+            make_key,
+            policy,
+            mode,
+            name: None,
+        }
+    }
+
+    /// Names its locks in metrics ([`LockLayer::name`](crate::LockLayer::name)).
+    pub(crate) fn named(mut self, name: Option<Arc<str>>) -> Self {
+        self.name = name;
+        self
     }
 
     /// The inner service.
@@ -48,12 +78,18 @@ impl<S, K, M> LockService<S, K, M> {
     where
         K: MakeKey<Req>,
     {
-        let key = self.config.make_key.make_key(request)?;
-        Some(self.config.locker.lock(key))
+        let key = self.make_key.make_key(request)?;
+        let lock = self.locker.lock(key);
+        Some(match &self.name {
+            Some(name) => lock.name(Arc::clone(name)),
+            None => lock,
+        })
     }
 
-    pub(crate) fn policy(&self) -> Policy {
-        self.config.policy.clone()
+    /// The policy, or why the layer refuses it.
+    pub(crate) fn policy(&self) -> Result<Policy, distlock::Error> {
+        check_policy(&self.policy)?;
+        Ok(self.policy.clone())
     }
 
     /// Takes the inner service, which `poll_ready` made ready, and leaves a clone
@@ -64,6 +100,16 @@ impl<S, K, M> LockService<S, K, M> {
     {
         let clone = self.inner.clone();
         std::mem::replace(&mut self.inner, clone)
+    }
+}
+
+/// Whether the layer can follow `policy`.
+pub(crate) fn check_policy(policy: &Policy) -> Result<(), distlock::Error> {
+    match policy.busy() {
+        OnBusy::Skip => Err(distlock::Error::config(
+            "the lock layer cannot follow OnBusy::Skip: a request needs an answer; use OnBusy::Reject",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -88,7 +134,10 @@ where
         let Some(lock) = self.lock_for(&request) else {
             return ResponseFuture::passthrough(self.inner.call(request));
         };
-        let policy = self.policy();
+        let policy = match self.policy() {
+            Ok(policy) => policy,
+            Err(e) => return ResponseFuture::locked(Box::pin(async move { Err(e.into()) })),
+        };
         let inner = self.take_ready();
         ResponseFuture::locked(Box::pin(async move {
             match run(lock, policy, inner, request).await {
@@ -104,6 +153,9 @@ where
 /// and calls `inner` (which must be ready). The lock is released when the inner
 /// future completes; if the lease is lost first, the inner future is dropped and
 /// the result is [`distlock::Error::Lost`].
+///
+/// Dropped after the inner future completed (during the release), the release
+/// goes on in a task: see [`Runner`].
 pub(crate) async fn run<S, Req>(
     lock: Lock,
     policy: Policy,
@@ -111,13 +163,91 @@ pub(crate) async fn run<S, Req>(
     request: Req,
 ) -> Result<Result<S::Response, S::Error>, distlock::Error>
 where
-    S: Service<Req>,
-    Req: LockRequest,
+    S: Service<Req> + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    Req: LockRequest + Send + 'static,
 {
-    let work = call_with_lease(lock.key(), inner, request);
-    match lock.run(&policy, work).await? {
+    let busy = busy(&lock);
+    let worked = Arc::new(AtomicBool::new(false));
+    let work = {
+        let worked = Arc::clone(&worked);
+        let key = lock.key().to_owned();
+        async move {
+            let answer = call_with_lease(&key, inner, request).await;
+            worked.store(true, Ordering::Release);
+            answer
+        }
+    };
+    let runner = Runner::new(lock.run(&policy, work), worked);
+    match runner.await? {
         Some(result) => Ok(result),
-        None => Err(busy(&lock)),
+        None => Err(busy),
+    }
+}
+
+/// The runner of [`distlock::Lock::run`], which is not dropped part-way through
+/// its release.
+///
+/// Dropping a `distlock` release mid-flight is cancel safe, but not quiet: the
+/// release is handed to the locker's background task, which sends it again; if
+/// the first one had reached Redis, the second finds the key gone and reports
+/// the lease lost (the lost signal fires, `distlock_lost_total` rises) after a
+/// request that went well. A response future is dropped whenever the client
+/// goes away, so: dropped once its work has ended (`worked`), the runner
+/// finishes in a task on the current runtime. Dropped earlier, it is dropped:
+/// the work is cancelled, and the guard (if the lock was acquired) hands its
+/// release to the background task, once.
+pub(crate) struct Runner<T: Send + 'static> {
+    run: Option<BoxFuture<T>>,
+    worked: Arc<AtomicBool>,
+}
+
+impl<T: Send + 'static> Runner<T> {
+    pub(crate) fn new(
+        run: impl Future<Output = T> + Send + 'static,
+        worked: Arc<AtomicBool>,
+    ) -> Self {
+        Runner {
+            run: Some(Box::pin(run)),
+            worked,
+        }
+    }
+}
+
+impl<T: Send + 'static> Runner<T> {
+    /// The runner, to be driven elsewhere; `None` if it has completed.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn take(&mut self) -> Option<BoxFuture<T>> {
+        self.run.take()
+    }
+}
+
+impl<T: Send + 'static> Future for Runner<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(run) = self.run.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = ready!(run.as_mut().poll(cx));
+        self.run = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for Runner<T> {
+    fn drop(&mut self) {
+        let Some(run) = self.run.take() else {
+            return;
+        };
+        if !self.worked.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(run));
+        }
     }
 }
 
@@ -142,152 +272,18 @@ where
 /// What a request gets when the runner skipped it ([`distlock::OnBusy::Skip`]):
 /// there is no response to skip to, so it is refused as busy.
 pub(crate) fn busy(lock: &Lock) -> distlock::Error {
-    distlock::Error::Busy {
-        key: lock.key().to_owned(),
-    }
-}
-
-#[cfg(feature = "http")]
-mod http {
-    use std::future::{poll_fn, Future};
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use ::http::{Request, Response};
-    use bytes::Bytes;
-    use distlock::{Lock, Policy};
-    use tokio::sync::oneshot;
-    use tower_service::Service;
-
-    use super::{busy, call_with_lease, run, LockService};
-    use crate::body::{Hold, LockBody};
-    use crate::future::{BoxFuture, HttpResponseFuture};
-    use crate::http::AsResponse;
-    use crate::key::MakeKey;
-
-    impl<S, K, F, ReqBody, ResBody> Service<Request<ReqBody>> for LockService<S, K, AsResponse<F>>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Send + 'static,
-        K: MakeKey<Request<ReqBody>>,
-        F: Fn(&distlock::Error) -> Response<Bytes> + Clone + Send + Sync + 'static,
-        ReqBody: Send + 'static,
-        ResBody: Send + 'static,
-    {
-        type Response = Response<LockBody<ResBody>>;
-        type Error = S::Error;
-        type Future = HttpResponseFuture<S::Future, ResBody, S::Error>;
-
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            self.inner.poll_ready(cx)
-        }
-
-        fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-            let Some(lock) = self.lock_for(&request) else {
-                return HttpResponseFuture::passthrough(self.inner.call(request));
-            };
-            let policy = self.policy();
-            let mode = self.config.mode.clone();
-            let inner = self.take_ready();
-            if mode.hold_body {
-                return HttpResponseFuture::locked(Box::pin(run_until_body_sent(
-                    lock, policy, inner, request, mode,
-                )));
-            }
-            HttpResponseFuture::locked(Box::pin(async move {
-                match run(lock, policy, inner, request).await {
-                    Ok(Ok(response)) => Ok(response.map(LockBody::new)),
-                    Ok(Err(e)) => Err(e),
-                    Err(e) => Ok(mode.respond(&e)),
-                }
-            }))
-        }
-    }
-
-    /// What the response future waited for.
-    enum Step<T> {
-        /// The inner service answered (and, if it answered `Ok`, its work now
-        /// waits for the body to be sent).
-        Answered(T),
-        /// The runner ended first: the lock was not acquired, or the lease was lost.
-        Ended(Result<Option<()>, distlock::Error>),
-    }
-
-    /// As [`run`], but the work goes on holding the lock after the inner future
-    /// completes, until the response body has been sent: the response leaves
-    /// through a channel, and the runner moves into the body.
-    async fn run_until_body_sent<S, ReqBody, ResBody, F>(
-        lock: Lock,
-        policy: Policy,
-        inner: S,
-        request: Request<ReqBody>,
-        mode: AsResponse<F>,
-    ) -> Result<Response<LockBody<ResBody>>, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send,
-        S::Error: Send + 'static,
-        F: Fn(&distlock::Error) -> Response<Bytes> + Clone + Send + Sync + 'static,
-        ReqBody: Send + 'static,
-        ResBody: Send + 'static,
-    {
-        let (answer_tx, mut answer_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel::<()>();
-        let busy = busy(&lock);
-        let mut runner: BoxFuture<Result<Option<()>, distlock::Error>> = Box::pin(async move {
-            let work = async {
-                let answer = call_with_lease(lock.key(), inner, request).await;
-                let answered = answer.is_ok();
-                if answer_tx.send(answer).is_ok() && answered {
-                    // Hold the lock until the body is sent (or dropped).
-                    let _ = done_rx.await;
-                }
-            };
-            lock.run(&policy, work).await
-        });
-        let step = poll_fn(|cx| {
-            if let Poll::Ready(ended) = runner.as_mut().poll(cx) {
-                return Poll::Ready(Step::Ended(ended));
-            }
-            match Pin::new(&mut answer_rx).poll(cx) {
-                Poll::Ready(Ok(answer)) => Poll::Ready(Step::Answered(answer)),
-                // No answer yet; or the work was dropped (the lease was lost)
-                // and the runner, which has our waker, is ending.
-                Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        match step {
-            Step::Answered(Ok(response)) => {
-                let trailers = mode.trailers_on_loss();
-                let hold = Hold::new(runner, done_tx, trailers);
-                Ok(response.map(|body| LockBody::holding(body, hold)))
-            }
-            Step::Answered(Err(e)) => match runner.await {
-                // The work has ended; the release said the lease had been lost.
-                Err(lost) => Ok(mode.respond(&lost)),
-                Ok(_) => Err(e),
-            },
-            Step::Ended(Err(e)) => Ok(mode.respond(&e)),
-            Step::Ended(Ok(None)) => Ok(mode.respond(&busy)),
-            // The work ended, so it failed: an answer that is a response makes it
-            // wait for `done_tx`, which is still here.
-            Step::Ended(Ok(Some(()))) => match answer_rx.try_recv() {
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(response)) => Ok(response.map(LockBody::new)),
-                // Unreachable: the work sends its answer before it ends.
-                Err(_) => Ok(mode.respond(&distlock::Error::Closed)),
-            },
-        }
-    }
+    distlock::Error::busy(lock.key())
 }
 
 impl<S: Clone, K: Clone, M: Clone> Clone for LockService<S, K, M> {
     fn clone(&self) -> Self {
         LockService {
             inner: self.inner.clone(),
-            config: self.config.clone(),
+            locker: self.locker.clone(),
+            make_key: self.make_key.clone(),
+            policy: self.policy.clone(),
+            mode: self.mode.clone(),
+            name: self.name.clone(),
         }
     }
 }
@@ -296,7 +292,11 @@ impl<S: fmt::Debug, K, M: fmt::Debug> fmt::Debug for LockService<S, K, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockService")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("locker", &self.locker)
+            .field("make_key", &std::any::type_name::<K>())
+            .field("policy", &self.policy)
+            .field("mode", &self.mode)
+            .field("name", &self.name)
             .finish()
     }
 }
