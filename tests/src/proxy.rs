@@ -52,6 +52,8 @@ struct Shared {
     /// Cancelled by `reset_all`, then replaced for later connections.
     reset: Mutex<CancellationToken>,
     open: AtomicUsize,
+    /// How many of the next accepted connections to reset at once.
+    reset_next: AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,6 +80,7 @@ impl FaultProxy {
             faults: watch::Sender::new(Faults::default()),
             reset: Mutex::new(CancellationToken::new()),
             open: AtomicUsize::new(0),
+            reset_next: AtomicUsize::new(0),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown.clone()));
@@ -128,6 +131,13 @@ impl FaultProxy {
         *reset = CancellationToken::new();
     }
 
+    /// Resets each of the next `n` connections as soon as it is accepted
+    /// (before any byte reaches the target): a connection that fails as it
+    /// is set up.
+    pub fn reset_next(&self, n: usize) {
+        self.shared.reset_next.store(n, Ordering::SeqCst);
+    }
+
     /// How many client connections are open now.
     pub fn connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
@@ -149,6 +159,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cance
         };
         match accepted {
             Ok((client, _)) => {
+                let doomed = shared
+                    .reset_next
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if doomed {
+                    abort(&client);
+                    continue;
+                }
                 let open = OpenGuard::new(&shared);
                 let reset = shared
                     .reset

@@ -1,6 +1,7 @@
 //! Redis Cluster specifics: many lock names spread over many slots and every
 //! node, with each primitive; and wake-ups through plain PUBLISH, which the
-//! cluster broadcasts to subscribers on every node.
+//! cluster broadcasts to subscribers on every node. On a private three-node
+//! Redis Cluster the harness starts.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 
 use std::collections::HashSet;

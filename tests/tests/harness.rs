@@ -1,4 +1,5 @@
-//! Tests of the harness itself: [`RedisServer`] and [`FaultProxy`].
+//! Tests of the harness itself: [`RedisServer`] and [`FaultProxy`], on the
+//! private `redis-server` processes they start.
 //!
 //! [`RedisServer`]: distlock_tests::RedisServer
 //! [`FaultProxy`]: distlock_tests::FaultProxy

@@ -8,11 +8,13 @@
 //! Each property states the rule the README documents, independently of the
 //! implementation, and checks the public API against it on generated input:
 //! no panic, the right error variant, and round trips that give back what
-//! went in. Properties that need a server share one `redis-server`.
+//! went in. Most run on the in-memory store; those that need a server share
+//! one private `redis-server`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use distlock::{
@@ -20,7 +22,7 @@ use distlock::{
 };
 use distlock_tests::RedisServer;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -123,7 +125,7 @@ proptest! {
         });
         match result {
             Ok(acquired) => prop_assert!(valid && acquired, "{expiry:?} accepted"),
-            Err(Error::Config(_)) => prop_assert!(!valid, "{expiry:?} rejected"),
+            Err(Error::Config { .. }) => prop_assert!(!valid, "{expiry:?} rejected"),
             Err(e) => prop_assert!(false, "{expiry:?}: unexpected {e:?}"),
         }
     }
@@ -132,15 +134,19 @@ proptest! {
     fn the_renewal_cadence_must_be_positive_and_shorter_than_expiry_less_drift(
         expiry_ms in 100u64..20_000,
         renew_ms in 0u64..25_000,
-        factor in prop_oneof![0.0f64..0.6, Just(f64::NAN), Just(f64::INFINITY), Just(-0.1)],
-        floor_ms in 0u64..5_000,
+        factor in prop_oneof![
+            0.0f64..0.6, 0.0f64..0.002, Just(0.0), Just(0.001), Just(f64::NAN),
+            Just(f64::INFINITY), Just(-0.1),
+        ],
+        floor_us in prop_oneof![0u64..5_000_000, 0u64..2_000, Just(0), Just(1_000)],
     ) {
         let expiry = Duration::from_millis(expiry_ms);
         let renew = Duration::from_millis(renew_ms);
-        let floor = Duration::from_millis(floor_ms);
-        // README: drift = expiry * factor + floor, factor in [0, 0.5), drift below
-        // half the expiry; renew_every below expiry - drift and above zero.
-        let factor_ok = (0.0..0.5).contains(&factor);
+        let floor = Duration::from_micros(floor_us);
+        // README: drift = expiry * factor + floor, factor in [0.001, 0.5), floor
+        // at least 1ms, drift below half the expiry; renew_every below
+        // expiry - drift and above zero.
+        let factor_ok = (0.001..0.5).contains(&factor) && floor >= Duration::from_millis(1);
         let valid = factor_ok && {
             let drift = expiry.mul_f64(factor) + floor;
             drift < expiry / 2 && !renew.is_zero() && renew < expiry - drift
@@ -155,7 +161,7 @@ proptest! {
         );
         match result {
             Ok(_) => prop_assert!(valid, "accepted"),
-            Err(Error::Config(_)) => prop_assert!(!valid, "rejected"),
+            Err(Error::Config { .. }) => prop_assert!(!valid, "rejected"),
             Err(e) => prop_assert!(false, "unexpected {e:?}"),
         }
     }
@@ -181,7 +187,7 @@ proptest! {
                 prop_assert!(prefix_ok && tag_ok);
                 prop_assert_eq!(l.key_prefix(), prefix.as_str());
             }
-            Err(Error::Config(_)) => prop_assert!(!(prefix_ok && tag_ok)),
+            Err(Error::Config { .. }) => prop_assert!(!(prefix_ok && tag_ok)),
             Err(e) => prop_assert!(false, "unexpected {e:?}"),
         }
     }
@@ -258,7 +264,7 @@ proptest! {
             && (1..=1024).contains(&pool_size);
         match RT.block_on(config.into_builder().build()) {
             Ok(_) => prop_assert!(valid, "accepted"),
-            Err(Error::Config(_)) => prop_assert!(!valid, "rejected"),
+            Err(Error::Config { .. }) => prop_assert!(!valid, "rejected"),
             Err(e) => prop_assert!(false, "unexpected {e:?}"),
         }
     }
@@ -282,7 +288,7 @@ proptest! {
         if let Ok(config) = serde_json::from_value::<LockerConfig>(json) {
             // Whatever deserialized builds a locker or fails validation.
             match RT.block_on(config.into_builder().build()) {
-                Ok(_) | Err(Error::Config(_)) => {}
+                Ok(_) | Err(Error::Config { .. }) => {}
                 Err(e) => prop_assert!(false, "unexpected {e:?}"),
             }
         }
@@ -364,7 +370,7 @@ fn arbitrary_urls_parse_or_fail_with_a_config_error_without_leaking_passwords() 
             });
             match result {
                 Ok(()) => {}
-                Err(Error::Config(message)) => {
+                Err(Error::Config { message, .. }) => {
                     if let Some(at) = url.find("SECRET") {
                         let secret = &url[at..at + 12];
                         prop_assert!(!message.contains(secret), "{message}");
@@ -450,4 +456,229 @@ fn any_password_and_database_in_a_url_reach_the_server() {
             })
         })
         .unwrap();
+}
+
+/// Every event of this test binary, at `TRACE`, from every thread.
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOGS: LazyLock<Arc<Mutex<Vec<u8>>>> = LazyLock::new(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(Arc::clone(&logs));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs
+    });
+    &LOGS
+}
+
+/// A password for the redaction property, and the parts of it that must
+/// never be shown: six-character markers (`Ab12cD`) among runs of what
+/// breaks URLs (`/`, `@`, `:`, `?`, `#`, `%`, `&`, `=`, `+`, spaces, unicode,
+/// percent-escapes that decode). The middle four characters of each marker
+/// are what is looked for: a `%` before a marker may eat its first
+/// character when decoded.
+fn passwords() -> impl Strategy<Value = (String, Vec<String>)> {
+    let noise = prop::collection::vec(
+        prop_oneof![
+            4 => "[/@:?#%&=+ ;,\\[\\]]",
+            1 => "[éß🔒]",
+            1 => "\\PC",
+            1 => "%[0-9A-Fa-f]{2}",
+        ],
+        0..4,
+    )
+    .prop_map(|parts| parts.concat());
+    let marker = "[A-Z][a-z]{2}[0-9]{2}[A-Z]";
+    (noise.clone(), marker, noise.clone(), marker, noise).prop_map(|(a, m1, b, m2, c)| {
+        let parts = vec![m1[1..5].to_owned(), m2[1..5].to_owned()];
+        (format!("{a}{m1}{b}{m2}{c}"), parts)
+    })
+}
+
+/// How a password is written into a URL: as is, every byte but unreserved
+/// ones percent-encoded, or only what ends a userinfo or a query value.
+fn written(password: &str, how: u8) -> String {
+    match how {
+        0 => password.to_owned(),
+        1 => encode(password),
+        _ => password
+            .chars()
+            .map(|c| match c {
+                '%' | '/' | '?' | '#' | '@' | '&' | '+' => encode(&c.to_string()),
+                c => c.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Issue 11, hole 10: wherever a URL holds a password (the userinfo of a TCP
+/// URL, `?pass=` or `?password=` of a socket URL, the query of a TCP URL, a
+/// socket URL's userinfo), written raw, encoded or half-encoded, it never
+/// shows in `Debug` of a builder or `Config`, in an error from a server that
+/// cannot be reached or refuses the password, nor in the logs.
+#[test]
+fn a_password_anywhere_in_a_url_never_shows_in_debug_errors_or_logs() {
+    let logs = captured_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("redis.sock").display().to_string();
+    let server = RT.block_on(
+        RedisServer::builder()
+            .password("the-right-one")
+            .args(["--unixsocket", sock.as_str(), "--unixsocketperm", "700"])
+            .start(),
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port = server.port();
+    let gone = format!("{sock}.gone");
+    let tcp = (
+        prop_oneof![
+            Just("redis"),
+            Just("rediss"),
+            Just("valkey"),
+            Just("valkeys")
+        ],
+        "[a-z]{0,5}",
+        prop_oneof![Just("127.0.0.1"), Just("localhost")],
+        any::<bool>(),
+        prop_oneof![Just(String::new()), Just("/".to_owned()), "/[0-9]{1,2}"],
+        prop_oneof![
+            Just(String::new()),
+            Just("?protocol=resp2".to_owned()),
+            "\\?[a-z]{1,6}=[a-z0-9]{0,4}",
+        ],
+    );
+    let unix = (
+        prop_oneof![Just("unix"), Just("redis+unix"), Just("valkey+unix")],
+        any::<bool>(),
+        prop_oneof![Just("pass"), Just("password")],
+        prop::option::of("[a-z]{1,5}"),
+        prop::option::of(0u8..16),
+        any::<bool>(),
+    );
+    // URL templates: `<PW>` stands for the password as written.
+    let forms = prop_oneof![
+        3 => tcp.prop_map(move |(scheme, user, host, reachable, db, query)| {
+            // TLS only to the closed port: a handshake with a plain server
+            // would wait for the connect timeout.
+            let port = if reachable && !scheme.ends_with('s') { port } else { closed };
+            format!("{scheme}://{user}:<PW>@{host}:{port}{db}{query}")
+        }),
+        2 => unix.prop_map({
+            let (sock, gone) = (sock.clone(), gone.clone());
+            move |(scheme, reachable, key, user, db, pass_first)| {
+                let path = if reachable { &sock } else { &gone };
+                let mut params = Vec::new();
+                params.extend(user.iter().map(|u| format!("user={u}")));
+                params.extend(db.iter().map(|d| format!("db={d}")));
+                let pass = format!("{key}=<PW>");
+                if pass_first {
+                    params.insert(0, pass);
+                } else {
+                    params.push(pass);
+                }
+                format!("{scheme}://{path}?{}", params.join("&"))
+            }
+        }),
+        1 => prop_oneof![Just("pass"), Just("password")]
+            .prop_map(move |key| format!("redis://127.0.0.1:{port}/0?{key}=<PW>")),
+        1 => Just(format!("unix://:<PW>@localhost{sock}")),
+    ];
+    let cases = (passwords(), 0u8..3, forms);
+    #[derive(Default)]
+    struct Seen {
+        config: AtomicUsize,
+        auth: AtomicUsize,
+        unavailable: AtomicUsize,
+    }
+    let seen = Seen::default();
+    let mut runner = TestRunner::new(Config::with_cases(192));
+    runner
+        .run(&cases, |((password, parts), how, form)| {
+            let url = form.replacen("<PW>", &written(&password, how), 1);
+            let leaks = |text: &str| {
+                text.contains(&password) || parts.iter().any(|p| text.contains(p.as_str()))
+            };
+            let quick = || {
+                Locker::builder()
+                    .connect_timeout(Duration::from_millis(500))
+                    .op_timeout(Duration::from_millis(500))
+            };
+            let single = quick().url(url.as_str());
+            let redlock = quick().redlock([url.clone(), format!("redis://127.0.0.1:{closed}")]);
+            let cluster = quick().cluster([url.as_str()]);
+            let sentinel = quick().sentinel([url.as_str()], "m");
+            let config: LockerConfig = serde_json::from_value(serde_json::json!({
+                "url": url, "servers": [url], "cluster": [url],
+                "sentinel": { "urls": [url], "master": "m" },
+            }))
+            .unwrap();
+            for shown in [
+                format!("{single:?}"),
+                format!("{redlock:?}"),
+                format!("{cluster:?}"),
+                format!("{sentinel:?}"),
+                format!("{config:?}"),
+            ] {
+                prop_assert!(!leaks(&shown), "{url:?} shown as {shown}");
+            }
+            for builder in [single, redlock] {
+                let err = match RT.block_on(builder.build()) {
+                    Ok(locker) => {
+                        RT.block_on(locker.close()).unwrap();
+                        return Err(TestCaseError::fail(format!(
+                            "{url:?}: built with a wrong password"
+                        )));
+                    }
+                    Err(e) => e,
+                };
+                let seen = match err {
+                    Error::Config { .. } => &seen.config,
+                    Error::Auth { .. } => &seen.auth,
+                    _ => &seen.unavailable,
+                };
+                seen.fetch_add(1, Ordering::Relaxed);
+                prop_assert!(
+                    matches!(
+                        err,
+                        Error::Config { .. }
+                            | Error::Auth { .. }
+                            | Error::Unavailable { .. }
+                            | Error::Quorum { .. }
+                    ),
+                    "{url:?}: {err:?}"
+                );
+                let shown = format!("{err} {err:?}");
+                prop_assert!(!leaks(&shown), "{url:?}: {shown}");
+            }
+            let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+            prop_assert!(!leaks(&text), "{url:?} reached the logs: {text}");
+            Ok(())
+        })
+        .unwrap();
+    // Each kind of failure was exercised: refused URLs, refused passwords,
+    // unreachable servers.
+    for (kind, n) in [
+        ("config", &seen.config),
+        ("auth", &seen.auth),
+        ("unavailable", &seen.unavailable),
+    ] {
+        assert!(n.load(Ordering::Relaxed) > 0, "no {kind} error was seen");
+    }
 }

@@ -1,4 +1,6 @@
-//! The semaphore's behavioural suite, on Redis and in memory.
+//! The semaphore's behavioural suite, on three backends (one test per backend,
+//! made by `suite!`): a private `redis-server`, a three-node Redis Cluster, and
+//! the in-memory store.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +21,7 @@ suite! {
     lost_fires_when_an_operator_removes_the_holders => check_lost;
     a_release_wakes_a_waiter_at_once => check_wake;
     zero_or_disagreeing_permits_are_errors => check_bad_max;
+    a_different_max_is_refused_while_permits_are_held_past_their_first_expiry => check_max_lapse;
     current_count_ignores_expired_holders => check_count;
     run_holds_a_permit => check_run;
 }
@@ -146,11 +149,32 @@ async fn check_wake(fx: Fixture) {
 async fn check_bad_max(fx: Fixture) {
     let a = fx.locker().await;
     let err = a.semaphore("bad", 0).try_acquire().await.unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(matches!(err, Error::Config { .. }), "{err}");
     let _held = a.semaphore("bad", 2).acquire().await.unwrap();
     let err = a.semaphore("bad", 3).try_acquire().await.unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(matches!(err, Error::Config { .. }), "{err}");
     assert!(err.to_string().contains("2 permits"), "{err}");
+}
+
+/// Regression: the permit count was written at acquire and never renewed, so
+/// one expiry later a process with another `max` was let in beside the holder,
+/// and the set held more permits than the first process's max.
+async fn check_max_lapse(fx: Fixture) {
+    let expiry = Duration::from_millis(400);
+    let a = fx.builder().expiry(expiry).build().await.unwrap();
+    let b = fx.builder().expiry(expiry).build().await.unwrap();
+    let held = a.semaphore("lapse", 1).acquire().await.unwrap();
+    // Several expiries later, the permit renewed all along...
+    tokio::time::sleep(expiry * 3).await;
+    assert!(!held.is_lost());
+    // ... a process that thinks the semaphore has 2 permits is still refused.
+    let err = b.semaphore("lapse", 2).try_acquire().await.unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    assert_eq!(a.semaphore("lapse", 1).current_count().await.unwrap(), 1);
+    held.release().await.unwrap();
+    // Once nobody holds it, another count may start afresh.
+    let other = b.semaphore("lapse", 2).try_acquire().await.unwrap();
+    assert!(other.is_some());
 }
 
 async fn check_count(fx: Fixture) {

@@ -1,11 +1,14 @@
 //! Sentinel: locks follow the master through a failover; `wait_replicas` makes
-//! acquisitions wait for replicas to acknowledge them.
+//! acquisitions wait for replicas to acknowledge them; a `build()` dropped
+//! halfway leaves no watcher behind. On a master, one replica and one
+//! Sentinel, private processes the harness starts.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 
 use std::time::Duration;
 
 use distlock::{Error, Locker};
 use distlock_tests::{RedisSentinel, MASTER_NAME};
+use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_acquisitions_work_after_a_forced_failover() {
@@ -87,4 +90,66 @@ async fn wait_replicas_gives_back_an_acquisition_too_few_replicas_acknowledged()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Clients subscribed to something on the Sentinel (a locker's watcher is one).
+async fn sentinel_subscribers(url: &str) -> usize {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .any(|f| f.starts_with("sub=") && f != "sub=0")
+        })
+        .count()
+}
+
+/// Waits (bounded) until `cond` holds for the Sentinel's subscriber count.
+async fn until_subscribers(url: &str, what: &str, cond: impl Fn(usize) -> bool) {
+    let start = Instant::now();
+    loop {
+        let n = sentinel_subscribers(url).await;
+        if cond(n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{what} ({n} subscribed)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `build()` dropped while it checks the master (here the master is paused,
+/// so the check hangs; the Sentinel watcher has already subscribed) shuts down
+/// what it started: no watcher stays subscribed for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_dropped_halfway_leaves_no_watcher_behind() {
+    let topology = RedisSentinel::start().await;
+    let url = topology.url();
+    until_subscribers(&url, "nobody subscribed at first", |n| n == 0).await;
+    topology.master().pause();
+    let build = tokio::spawn(
+        Locker::builder()
+            .sentinel([url.clone()], MASTER_NAME)
+            .connect_timeout(Duration::from_secs(30))
+            .op_timeout(Duration::from_secs(30))
+            .build(),
+    );
+    until_subscribers(&url, "the watcher subscribes while build() waits", |n| {
+        n > 0
+    })
+    .await;
+    build.abort();
+    let _ = build.await;
+    topology.master().resume();
+    until_subscribers(&url, "the watcher is gone after build() was dropped", |n| {
+        n == 0
+    })
+    .await;
 }

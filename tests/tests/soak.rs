@@ -1,6 +1,7 @@
 //! A short run (35 s) of the `soak` binary: continuous acquire / renew / release
 //! over 1,000 keys with a fault every few seconds must leave no task, no
-//! waiting line and no lock behind, and RSS must not grow past noise.
+//! waiting line and no lock behind, and RSS must not grow past noise. On a
+//! private `redis-server` behind a `FaultProxy`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 

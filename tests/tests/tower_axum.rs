@@ -14,7 +14,7 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use distlock::{Locker, OnBusy, Policy};
-use distlock_tests::RedisServer;
+use distlock_tests::{FaultProxy, RedisServer};
 use distlock_tower::{key, LockInfo, LockLayer};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
 
 /// How long each handler "works" while it holds the lock.
 const WORK: Duration = Duration::from_millis(20);
@@ -396,4 +397,130 @@ async fn redis_down_answers_503_with_retry_after() {
         log.lock().unwrap().is_empty(),
         "the handler ran without the lock"
     );
+}
+
+/// Percent-encoding must not give one resource two keys: axum decodes `%34%32`
+/// to `42` for the handler, so both requests withdraw from account 42 and must
+/// run one at a time (they ran together when the key was the raw segment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_and_plain_ids_of_one_account_are_serialized() {
+    let cluster = cluster().await;
+    let client = client();
+    for round in 0..5 {
+        cluster.log.lock().unwrap().clear();
+        let paths: [&'static str; 2] = ["/accounts/42/withdraw", "/accounts/%34%32/withdraw"];
+        let requests: Vec<_> = paths
+            .into_iter()
+            .enumerate()
+            .map(|(i, path)| {
+                let client = client.clone();
+                // Both on one replica and across the two, by round.
+                let addr = cluster.replicas[(i * round) % 2].addr;
+                tokio::spawn(async move { post_to(&client, addr, path).await })
+            })
+            .collect();
+        for request in requests {
+            let answer = within("a request", Duration::from_secs(20), request)
+                .await
+                .unwrap();
+            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        }
+        let log = cluster.log.lock().unwrap().clone();
+        assert_eq!(log.len(), 2);
+        assert!(log.iter().all(|i| i.key == "42"), "{log:?}");
+        assert_eq!(
+            count_overlaps(&log).same_key,
+            0,
+            "round {round}: /accounts/42 and /accounts/%34%32 ran at the same time"
+        );
+    }
+}
+
+/// With `hold_until_body_sent` on real Redis (where a release takes a round
+/// trip), a request that went well must release its lock once, and its lease
+/// must not be reported lost afterwards. The body used to start the release
+/// with a no-op waker when it ended, and drop it part-way when the body was
+/// dropped: `distlock` then released a second time, found the key gone, and
+/// fired the lost signal of a lease released normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_until_body_sent_releases_once_without_a_false_lost_signal() {
+    let redis = RedisServer::start().await;
+    // A Redis a few milliseconds away, so that a release is still in flight
+    // when the body ends and when it is dropped.
+    let proxy = FaultProxy::start(redis.addr()).await;
+    proxy.set_latency(Duration::from_millis(20));
+    let locker = connect(&proxy.url()).await;
+    let other = connect(&proxy.url()).await;
+    let layer = LockLayer::new(locker.clone(), key::path_segment(1).prefix("held:"))
+        .policy(Policy::new().timeout(Duration::from_secs(10)))
+        .http()
+        .hold_until_body_sent();
+    let service = layer.layer(tower::service_fn(|request: Request<()>| async move {
+        let lease = request.extensions().get::<LockInfo>().cloned().unwrap();
+        let chunks = [format!("token {}", lease.fencing_token()), "\n".to_owned()];
+        let body = axum::body::Body::from_stream(futures_util::stream::iter(
+            chunks.map(Ok::<_, std::convert::Infallible>),
+        ));
+        let mut response = http::Response::new(body);
+        response.extensions_mut().insert(lease);
+        Ok::<_, std::convert::Infallible>(response)
+    }));
+    for round in 0..10 {
+        let request = Request::post("/held/7").body(()).unwrap();
+        let response = within(
+            "the response",
+            Duration::from_secs(10),
+            service.clone().oneshot(request),
+        )
+        .await
+        .unwrap();
+        let lease = response.extensions().get::<LockInfo>().cloned().unwrap();
+        let mut body = response.into_body();
+        // Read the body to its end, as a server does; keep it a little longer,
+        // as a server may (until the release has reached Redis), then drop it.
+        let mut text = Vec::new();
+        while let Some(frame) = within("a frame", Duration::from_secs(10), body.frame()).await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                text.extend_from_slice(&data);
+            }
+        }
+        assert!(String::from_utf8(text).unwrap().starts_with("token "));
+        within(
+            "the release reaches Redis",
+            Duration::from_secs(10),
+            async {
+                let mut direct = redis.conn().await;
+                loop {
+                    let held: bool = redis::cmd("EXISTS")
+                        .arg("distlock:{held:7}")
+                        .query_async(&mut direct)
+                        .await
+                        .unwrap();
+                    if !held {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            },
+        )
+        .await;
+        // The release's answer is still on its way when the body is dropped.
+        proxy.blackhole();
+        drop(body);
+        proxy.restore();
+        // A second release would be sent at the drop and answered within a round
+        // trip: an acquire and a release from another locker take two.
+        let guard = within(
+            "the key is free",
+            Duration::from_secs(10),
+            other.lock("held:7").acquire(),
+        )
+        .await
+        .unwrap();
+        guard.release().await.unwrap();
+        assert!(
+            !lease.is_lost(),
+            "round {round}: a request that went well had its lease reported lost"
+        );
+    }
 }
