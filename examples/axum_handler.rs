@@ -75,6 +75,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let locker = match Locker::builder()
         .url(&url)
+        // Keys of this run's own: a lock left by an interrupted earlier run
+        // (it expires by itself) delays nobody. Never force_unlock at
+        // start-up instead: in a service, the "leftover" may be a live
+        // replica's lock (the README says when force_unlock is right).
+        .key_prefix(format!("axum-handler-{}:", std::process::id()))
         .connect_timeout(Duration::from_secs(2))
         .build()
         .await
@@ -88,9 +93,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             Locker::memory()
         }
     };
-    for account in ["account:7", "account:8"] {
-        locker.force_unlock(account).await?;
-    }
     // Once, at start-up: `#[distributed_lock]` without `locker = ...` uses it.
     distlock::set_default(locker.clone());
 

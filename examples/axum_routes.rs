@@ -5,7 +5,10 @@
 //! writes the balance back: two withdrawals from one account at once would both
 //! see the old balance and overdraw it. The layer runs them one at a time per
 //! account, across both replicas, while withdrawals from different accounts run
-//! in parallel. `POST /accounts/{id}/statement` refuses (409) a second statement
+//! in parallel. Each balance write carries the lease's fencing token
+//! (`LockInfo::fencing_token`), and the bank refuses a token older than the
+//! last one it saw (409), so a request whose lease was lost mid-way cannot
+//! overwrite a newer balance. `POST /accounts/{id}/statement` refuses (409) a second statement
 //! of an account while one is being made.
 //!
 //! ```sh
@@ -39,6 +42,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
+use distlock::fence::FencingToken;
 use distlock::{Locker, OnBusy, Policy};
 use distlock_tower::{key, LockInfo, LockLayer};
 use http_body_util::{BodyExt, Full};
@@ -53,21 +57,50 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What every account starts with.
 const OPENING_BALANCE: u64 = 100;
 
-/// The "database" both replicas share.
+/// The "database" both replicas share. Like a real store in correctness mode,
+/// it keeps the highest fencing token each account was written with and
+/// refuses a write with an older one (see `distlock::fence` for Redis and
+/// PostgreSQL stores that do this).
 #[derive(Clone, Default)]
 struct Bank {
-    balances: Arc<Mutex<HashMap<String, u64>>>,
+    accounts: Arc<Mutex<HashMap<String, Account>>>,
+}
+
+#[derive(Clone, Copy)]
+struct Account {
+    balance: u64,
+    /// The highest fencing token a write to the account carried.
+    fence: u64,
 }
 
 impl Bank {
     fn balance(&self, id: &str) -> u64 {
-        let balances = self.balances.lock().unwrap_or_else(|e| e.into_inner());
-        balances.get(id).copied().unwrap_or(OPENING_BALANCE)
+        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        accounts.get(id).map_or(OPENING_BALANCE, |a| a.balance)
     }
 
-    fn set_balance(&self, id: &str, balance: u64) {
-        let mut balances = self.balances.lock().unwrap_or_else(|e| e.into_inner());
-        balances.insert(id.to_owned(), balance);
+    /// Writes the balance if `token` is not older than the account's last
+    /// write's: a request whose lease was lost while it waited on the ledger
+    /// (and that another replica has since overtaken) is refused here.
+    fn set_balance(
+        &self,
+        id: &str,
+        balance: u64,
+        token: FencingToken,
+    ) -> Result<(), distlock::Error> {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let account = accounts.entry(id.to_owned()).or_insert(Account {
+            balance: OPENING_BALANCE,
+            fence: 0,
+        });
+        if token.get() < account.fence {
+            return Err(distlock::Error::stale(id, token.get(), Some(account.fence)));
+        }
+        *account = Account {
+            balance,
+            fence: token.get(),
+        };
+        Ok(())
     }
 }
 
@@ -91,9 +124,16 @@ async fn withdraw(
         let msg = format!("insufficient funds: {id} has {balance}\n");
         return (StatusCode::UNPROCESSABLE_ENTITY, msg);
     }
-    // A real store would take the fencing token with the write and refuse tokens
-    // older than the last one it saw.
-    bank.set_balance(&id, balance - amount);
+    // The write carries the lease's fencing token: if this request's lease was
+    // lost during the slow step and another replica has written since, the
+    // bank refuses it instead of overwriting the newer balance.
+    if let Err(e) = bank.set_balance(
+        &id,
+        balance - amount,
+        FencingToken::from(lease.fencing_token()),
+    ) {
+        return (StatusCode::CONFLICT, format!("{e}\n"));
+    }
     let msg = format!(
         "withdrew {amount} from {id}: balance {} (fencing token {})\n",
         balance - amount,
@@ -173,20 +213,15 @@ async fn main() -> Result<(), BoxError> {
         println!("Serving until Ctrl-C; see the top of examples/axum_routes.rs for curl commands.");
         tokio::signal::ctrl_c().await?;
     } else {
-        demo(&a, addr_a, addr_b).await?;
+        demo(addr_a, addr_b).await?;
     }
     a.close().await?;
     b.close().await?;
     Ok(())
 }
 
-async fn demo(locker: &Locker, addr_a: SocketAddr, addr_b: SocketAddr) -> Result<(), BoxError> {
+async fn demo(addr_a: SocketAddr, addr_b: SocketAddr) -> Result<(), BoxError> {
     let client = Client::builder(TokioExecutor::new()).build_http();
-    // Locks left by an interrupted earlier run would only delay us.
-    for account in ["account:alice", "account:bob"] {
-        locker.force_unlock(account).await?;
-    }
-
     println!("1. Four withdrawals of 30 from alice (balance 100) at once, over both replicas");
     println!("   (answers in the order sent; the fencing tokens show the order handled):");
     let started = Instant::now();
@@ -246,6 +281,11 @@ async fn replicas(url: &str) -> Result<(Locker, Locker), distlock::Error> {
     let connect = || {
         Locker::builder()
             .url(url)
+            // Keys of this run's own: a lock left by an interrupted earlier run
+            // (it expires by itself) delays nobody. Never force_unlock at
+            // start-up instead: in a service, the "leftover" may be a live
+            // replica's lock (the README says when force_unlock is right).
+            .key_prefix(format!("axum-routes-{}:", std::process::id()))
             .connect_timeout(Duration::from_secs(2))
             .build()
     };

@@ -34,9 +34,6 @@ async fn main() -> Result<(), Error> {
             (memory.clone(), memory)
         }
     };
-    // A leftover from an interrupted earlier run would only delay us.
-    a.force_unlock(KEY).await?;
-
     // 1. A takes the lock; B cannot.
     let held = a.lock(KEY).acquire().await?;
     println!(
@@ -65,7 +62,7 @@ async fn main() -> Result<(), Error> {
     let released_at = Instant::now();
     held.release().await?;
     println!("A released after 300 ms of work.");
-    let (guard, woke_at) = waiter.await.map_err(|e| Error::Config(e.to_string()))??;
+    let (guard, woke_at) = waiter.await.map_err(|e| Error::config(e.to_string()))??;
     println!(
         "B was woken and holds the lock {:.1} ms after the release, with fencing token {} (greater: writes from A's turn can be refused).",
         (woke_at - released_at).as_secs_f64() * 1e3,
@@ -109,6 +106,11 @@ async fn replicas(url: &str) -> Result<(Locker, Locker), Error> {
     let connect = || {
         Locker::builder()
             .url(url)
+            // Keys of this run's own: a lock left by an interrupted earlier run
+            // (it expires by itself) delays nobody. Never force_unlock at
+            // start-up instead: in a service, the "leftover" may be a live
+            // replica's lock (the README says when force_unlock is right).
+            .key_prefix(format!("quickstart-{}:", std::process::id()))
             .connect_timeout(Duration::from_secs(2))
             .build()
     };

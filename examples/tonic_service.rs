@@ -197,10 +197,6 @@ async fn main() -> Result<(), BoxError> {
 }
 
 async fn demo(locker: &Locker, addr_a: SocketAddr, addr_b: SocketAddr) -> Result<(), BoxError> {
-    // Locks left by an interrupted earlier run would only delay us.
-    for account in ["account:alice", "account:bob", "account:carol"] {
-        locker.force_unlock(account).await?;
-    }
     let replicas = [channel(addr_a).await?, channel(addr_b).await?];
 
     println!("1. Four withdrawals of 30 from alice (balance 100) at once, over both replicas");
@@ -261,6 +257,11 @@ async fn replicas(url: &str) -> Result<(Locker, Locker), distlock::Error> {
     let connect = || {
         Locker::builder()
             .url(url)
+            // Keys of this run's own: a lock left by an interrupted earlier run
+            // (it expires by itself) delays nobody. Never force_unlock at
+            // start-up instead: in a service, the "leftover" may be a live
+            // replica's lock (the README says when force_unlock is right).
+            .key_prefix(format!("tonic-service-{}:", std::process::id()))
             .connect_timeout(Duration::from_secs(2))
             .build()
     };
