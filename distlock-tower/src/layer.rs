@@ -165,14 +165,7 @@ impl<S, K: Clone, M: Clone> Layer<S> for LockLayer<K, M> {
     type Service = LockService<S, K, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LockService::new(
-            inner,
-            self.locker.clone(),
-            self.make_key.clone(),
-            self.policy.clone(),
-            self.mode.clone(),
-        )
-        .named(self.name.clone())
+        LockService::new(inner, self.clone())
     }
 }
 

@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use distlock::{Lock, Locker, OnBusy, Policy};
+use distlock::{Lock, OnBusy, Policy};
 use tower_service::Service;
 
 use crate::future::{BoxFuture, ResponseFuture};
 use crate::info::{LockInfo, LockRequest};
+use crate::layer::LockLayer;
 use crate::key::MakeKey;
 use crate::BoxError;
 
@@ -30,32 +31,13 @@ pub struct AsError;
 /// slot) is kept while the request waits for the lock.
 pub struct LockService<S, K, M = AsError> {
     pub(crate) inner: S,
-    locker: Locker,
-    make_key: K,
-    policy: Policy,
-    /// What becomes of a lock failure: [`AsError`], or the HTTP mode's
-    /// [`AsResponse`](crate::http::AsResponse).
-    pub(crate) mode: M,
-    /// The metrics name of its locks.
-    name: Option<Arc<str>>,
+    /// The layer that made it: locker, key, policy, mode and metrics name.
+    pub(crate) layer: LockLayer<K, M>,
 }
 
 impl<S, K, M> LockService<S, K, M> {
-    pub(crate) fn new(inner: S, locker: Locker, make_key: K, policy: Policy, mode: M) -> Self {
-        LockService {
-            inner,
-            locker,
-            make_key,
-            policy,
-            mode,
-            name: None,
-        }
-    }
-
-    /// Names its locks in metrics ([`LockLayer::name`](crate::LockLayer::name)).
-    pub(crate) fn named(mut self, name: Option<Arc<str>>) -> Self {
-        self.name = name;
-        self
+    pub(crate) fn new(inner: S, layer: LockLayer<K, M>) -> Self {
+        LockService { inner, layer }
     }
 
     /// The inner service.
@@ -78,9 +60,9 @@ impl<S, K, M> LockService<S, K, M> {
     where
         K: MakeKey<Req>,
     {
-        let key = self.make_key.make_key(request)?;
-        let lock = self.locker.lock(key);
-        Some(match &self.name {
+        let key = self.layer.make_key.make_key(request)?;
+        let lock = self.layer.locker.lock(key);
+        Some(match &self.layer.name {
             Some(name) => lock.name(Arc::clone(name)),
             None => lock,
         })
@@ -88,8 +70,8 @@ impl<S, K, M> LockService<S, K, M> {
 
     /// The policy, or why the layer refuses it.
     pub(crate) fn policy(&self) -> Result<Policy, distlock::Error> {
-        check_policy(&self.policy)?;
-        Ok(self.policy.clone())
+        check_policy(&self.layer.policy)?;
+        Ok(self.layer.policy.clone())
     }
 
     /// Takes the inner service, which `poll_ready` made ready, and leaves a clone
@@ -277,14 +259,7 @@ pub(crate) fn busy(lock: &Lock) -> distlock::Error {
 
 impl<S: Clone, K: Clone, M: Clone> Clone for LockService<S, K, M> {
     fn clone(&self) -> Self {
-        LockService {
-            inner: self.inner.clone(),
-            locker: self.locker.clone(),
-            make_key: self.make_key.clone(),
-            policy: self.policy.clone(),
-            mode: self.mode.clone(),
-            name: self.name.clone(),
-        }
+        LockService::new(self.inner.clone(), self.layer.clone())
     }
 }
 
@@ -292,11 +267,7 @@ impl<S: fmt::Debug, K, M: fmt::Debug> fmt::Debug for LockService<S, K, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockService")
             .field("inner", &self.inner)
-            .field("locker", &self.locker)
-            .field("make_key", &std::any::type_name::<K>())
-            .field("policy", &self.policy)
-            .field("mode", &self.mode)
-            .field("name", &self.name)
+            .field("layer", &self.layer)
             .finish()
     }
 }

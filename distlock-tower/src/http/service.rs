@@ -41,7 +41,7 @@ where
         let Some(lock) = self.lock_for(&request) else {
             return ResponseFuture::passthrough(self.inner.call(request));
         };
-        let mode = self.mode.clone();
+        let mode = self.layer.mode.clone();
         let policy = match self.policy() {
             Ok(policy) => policy,
             Err(e) => {
