@@ -452,25 +452,39 @@ impl RedisBackend {
     /// longer holds the old one.
     pub(crate) async fn retoken(&self, keys: &Keys, change: &Retoken<'_>) -> Result<bool> {
         let Retoken { old, new, ttl } = *change;
-        self.call("adopt", |mut c| async move {
-            let mut inv = SCRIPTS.retoken.prepare_invoke();
-            inv.key(&keys.lock);
-            let kind = match keys.kind {
-                LockKind::Semaphore { .. } => {
-                    inv.key(&keys.aux);
-                    "m"
-                }
-                kind => kind_flag(kind.shared()),
-            };
-            inv.arg(kind)
-                .arg(old)
-                .arg(new)
-                .arg(millis(ttl))
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await
-        .map(|n| n == 1)
+        // Until the answer is in, the new token may hold the key: released in
+        // the background if this fails or is dropped, on the connection that
+        // carried the request first, so the release cannot overtake it.
+        let mut in_doubt = InDoubt {
+            backend: self.clone(),
+            keys: Some(keys.clone()),
+            token: new.to_owned(),
+            conn: Mutex::new(None),
+        };
+        let carried = &in_doubt.conn;
+        let adopted = self
+            .call("adopt", |mut c| async move {
+                *carried.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
+                let mut inv = SCRIPTS.retoken.prepare_invoke();
+                inv.key(&keys.lock);
+                let kind = match keys.kind {
+                    LockKind::Semaphore { .. } => {
+                        inv.key(&keys.aux);
+                        "m"
+                    }
+                    kind => kind_flag(kind.shared()),
+                };
+                inv.arg(kind)
+                    .arg(old)
+                    .arg(new)
+                    .arg(millis(ttl))
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .map(|n| n == 1)?;
+        in_doubt.keys = None;
+        Ok(adopted)
     }
 
     pub(crate) async fn force_unlock(&self, holders: &[String], channel: &str) -> Result<bool> {
@@ -660,8 +674,8 @@ enum Reply {
     Quarantined(Duration),
 }
 
-/// An acquire attempt whose outcome is not known yet. Dropped while armed, it
-/// releases the token in the background, first on the connection that carried the
+/// An acquire or adopt attempt whose outcome is not known yet. Dropped while
+/// armed, it releases the token in the background, first on the connection that carried the
 /// attempt (so the release cannot overtake it), then on a fresh one.
 struct InDoubt {
     backend: RedisBackend,
