@@ -26,15 +26,15 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<F, T> {
         #[pin]
-        kind: Kind<F, T, BoxError>,
+        driven: Driven<F, T, BoxError>,
     }
 }
 
 pin_project! {
     /// What a response future drives: the inner future as it is, or the boxed
     /// run of a locked request. Shared with the HTTP mode's future.
-    #[project = KindProj]
-    pub(crate) enum Kind<F, T, E> {
+    #[project = DrivenProj]
+    pub(crate) enum Driven<F, T, E> {
         Passthrough {
             #[pin]
             future: F,
@@ -48,13 +48,13 @@ pin_project! {
 impl<F, T> ResponseFuture<F, T> {
     pub(crate) fn passthrough(future: F) -> Self {
         ResponseFuture {
-            kind: Kind::Passthrough { future },
+            driven: Driven::Passthrough { future },
         }
     }
 
     pub(crate) fn locked(future: BoxFuture<Result<T, BoxError>>) -> Self {
         ResponseFuture {
-            kind: Kind::Locked { future },
+            driven: Driven::Locked { future },
         }
     }
 }
@@ -67,9 +67,9 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Passthrough { future } => future.poll(cx).map_err(Into::into),
-            KindProj::Locked { future } => future.as_mut().poll(cx),
+        match self.project().driven.project() {
+            DrivenProj::Passthrough { future } => future.poll(cx).map_err(Into::into),
+            DrivenProj::Locked { future } => future.as_mut().poll(cx),
         }
     }
 }
@@ -77,7 +77,7 @@ where
 impl<F, T> fmt::Debug for ResponseFuture<F, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("locked", &matches!(self.kind, Kind::Locked { .. }))
+            .field("locked", &matches!(self.driven, Driven::Locked { .. }))
             .finish_non_exhaustive()
     }
 }

@@ -10,8 +10,8 @@ use tower_service::Service;
 
 use crate::future::{BoxFuture, ResponseFuture};
 use crate::info::{LockInfo, LockRequest};
-use crate::layer::LockLayer;
 use crate::key::MakeKey;
+use crate::layer::LockLayer;
 use crate::BoxError;
 
 /// Lock failures as errors: the service's error is

@@ -29,13 +29,15 @@ pin_project! {
     /// with trailers that carry the error status.
     pub struct LockBody<B> {
         #[pin]
-        kind: Kind<B>,
+        content: Content<B>,
     }
 }
 
 pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
+    /// What the body sends: the inner body, with the lock held until it
+    /// ends, or a whole error body of its own.
+    #[project = ContentProj]
+    enum Content<B> {
         Inner {
             #[pin]
             body: B,
@@ -131,7 +133,7 @@ impl<B> LockBody<B> {
     /// The inner service's body, as it is.
     pub(crate) fn new(body: B) -> Self {
         LockBody {
-            kind: Kind::Inner {
+            content: Content::Inner {
                 body,
                 hold: None,
                 last: None,
@@ -142,7 +144,7 @@ impl<B> LockBody<B> {
     /// The inner service's body, holding the lock until it has been sent.
     pub(crate) fn holding(body: B, hold: Hold) -> Self {
         LockBody {
-            kind: Kind::Inner {
+            content: Content::Inner {
                 body,
                 hold: Some(hold),
                 last: None,
@@ -153,7 +155,7 @@ impl<B> LockBody<B> {
     /// A body of one chunk (an error response).
     pub(crate) fn full(data: Bytes) -> Self {
         LockBody {
-            kind: Kind::Full {
+            content: Content::Full {
                 data: (!data.is_empty()).then_some(data),
             },
         }
@@ -172,10 +174,12 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut kind = self.project().kind;
-        let cut_short = match kind.as_mut().project() {
-            KindProj::Full { data } => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            KindProj::Inner { body, hold, last } => {
+        let mut content = self.project().content;
+        let cut_short = match content.as_mut().project() {
+            ContentProj::Full { data } => {
+                return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+            ContentProj::Inner { body, hold, last } => {
                 let Some(h) = hold.as_mut() else {
                     let frame = ready!(body.poll_frame(cx));
                     return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
@@ -235,23 +239,23 @@ where
         };
         // The lease was lost before the body was sent (or the release found it
         // lost): the inner body is dropped and this one ends after `cut_short`.
-        kind.set(Kind::Full { data: None });
+        content.set(Content::Full { data: None });
         Poll::Ready(Some(cut_short))
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        match &self.content {
             // While it holds the lock, the end must be polled: that is when the
             // lock is released.
-            Kind::Inner { body, hold, .. } => hold.is_none() && body.is_end_stream(),
-            Kind::Full { data } => data.is_none(),
+            Content::Inner { body, hold, .. } => hold.is_none() && body.is_end_stream(),
+            Content::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner { body, .. } => body.size_hint(),
-            Kind::Full { data } => {
+        match &self.content {
+            Content::Inner { body, .. } => body.size_hint(),
+            Content::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
@@ -273,9 +277,9 @@ fn lost_frame(
 impl<B> fmt::Debug for LockBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("LockBody");
-        match &self.kind {
-            Kind::Inner { hold, .. } => d.field("holds_lock", &hold.is_some()),
-            Kind::Full { data } => d.field("error_body", &data.as_ref().map(Bytes::len)),
+        match &self.content {
+            Content::Inner { hold, .. } => d.field("holds_lock", &hold.is_some()),
+            Content::Full { data } => d.field("error_body", &data.as_ref().map(Bytes::len)),
         };
         d.finish_non_exhaustive()
     }

@@ -10,7 +10,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::body::LockBody;
-use crate::future::{BoxFuture, Kind, KindProj};
+use crate::future::{BoxFuture, Driven, DrivenProj};
 
 pin_project! {
     /// Response future of [`LockService`](crate::LockService) with
@@ -19,20 +19,20 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<F, B, E> {
         #[pin]
-        kind: Kind<F, Response<LockBody<B>>, E>,
+        driven: Driven<F, Response<LockBody<B>>, E>,
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn passthrough(future: F) -> Self {
         ResponseFuture {
-            kind: Kind::Passthrough { future },
+            driven: Driven::Passthrough { future },
         }
     }
 
     pub(crate) fn locked(future: BoxFuture<Result<Response<LockBody<B>>, E>>) -> Self {
         ResponseFuture {
-            kind: Kind::Locked { future },
+            driven: Driven::Locked { future },
         }
     }
 }
@@ -44,12 +44,12 @@ where
     type Output = Result<Response<LockBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Passthrough { future } => {
+        match self.project().driven.project() {
+            DrivenProj::Passthrough { future } => {
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(response.map(LockBody::new)))
             }
-            KindProj::Locked { future } => future.as_mut().poll(cx),
+            DrivenProj::Locked { future } => future.as_mut().poll(cx),
         }
     }
 }
@@ -57,7 +57,7 @@ where
 impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("locked", &matches!(self.kind, Kind::Locked { .. }))
+            .field("locked", &matches!(self.driven, Driven::Locked { .. }))
             .finish_non_exhaustive()
     }
 }
