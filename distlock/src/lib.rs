@@ -15,6 +15,7 @@
 //   run         Policy, and the runner behind Lock::run and the macro; current()
 //   fence       fenced writes that the resource checks (Redis data, SQL)
 //   inspect     who holds a lock (Locker::inspect), which are held (Locker::locks)
+//   election    leader election on a lock whose holder's tag is the leader's value
 //   macro_support   what #[distributed_lock] expands to call
 // What keeps a lease:
 //   lease       the state of one held lease, shared by its guard and the keeper
@@ -35,6 +36,7 @@ mod backend;
 mod builder;
 #[cfg(feature = "serde")]
 mod config;
+mod election;
 mod error;
 mod eviction;
 pub mod fence;
@@ -59,6 +61,7 @@ pub use backend::memory::MemoryStore;
 pub use builder::LockerBuilder;
 #[cfg(feature = "serde")]
 pub use config::{BackoffConfig, Config, DriftConfig, SentinelConfig};
+pub use election::{Election, Leader, Leadership};
 pub use error::{BoxError, Error, LostReason, Result, ServerError};
 pub use guard::{Lease, LockGuard, Lost};
 pub use inspect::{Holder, LockStatus, LockType, Role};

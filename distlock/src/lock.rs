@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::key::{Keys, LockKind};
 use crate::locker::{Locker, Taken};
+use crate::notify::Subscription;
 use crate::obs;
 use crate::options::LeaseOptions;
 use crate::run::Policy;
@@ -44,6 +45,9 @@ pub struct Lock {
     keys: Arc<OnceLock<Keys>>,
     /// The `name` label of its metrics.
     name: obs::Name,
+    /// The owner tag its tokens start with, when not the locker's (an
+    /// election's candidates carry their value there).
+    owner: Option<Arc<str>>,
 }
 
 /// What one attempt came to.
@@ -66,7 +70,23 @@ impl Lock {
             opts,
             keys: Arc::default(),
             name: None,
+            owner: None,
         }
+    }
+
+    /// Starts its tokens with `tag` instead of the locker's owner tag, so that
+    /// [`Locker::inspect`] reports `tag` as the holder.
+    pub(crate) fn owned_by(mut self, tag: Arc<str>) -> Self {
+        self.owner = Some(tag);
+        self
+    }
+
+    /// A subscription to this lock's release messages, confirmed within
+    /// `ack_wait` when the backend has pub/sub (`false` if not confirmed: the
+    /// subscriber then relies on its timers).
+    pub(crate) async fn releases(&self, ack_wait: Duration) -> Result<(Subscription, bool)> {
+        let keys = self.prepare()?;
+        Ok(self.locker.backend().subscribe(&keys, ack_wait).await)
     }
 
     pub(crate) fn kind(&self) -> LockKind {
@@ -375,7 +395,8 @@ impl Lock {
         // `close()` waits for this attempt, so that what it takes is either
         // registered with the keeper before it stops, or given back.
         let _in_flight = self.locker.begin_attempt()?;
-        let token = crate::token::mint(self.locker.owner_tag())?;
+        let tag = self.owner.as_deref().unwrap_or(self.locker.owner_tag());
+        let token = crate::token::mint(tag)?;
         let sent = Instant::now();
         let backend = self.locker.backend();
         let intent = (self.opts.retry_max * 3).max(Duration::from_secs(1));

@@ -189,6 +189,20 @@ impl From<&Current> for FencingToken {
     }
 }
 
+impl From<&crate::Leader> for FencingToken {
+    /// The leader's term.
+    fn from(leader: &crate::Leader) -> Self {
+        FencingToken(leader.term())
+    }
+}
+
+impl From<&crate::Leadership> for FencingToken {
+    /// This leadership's term.
+    fn from(leadership: &crate::Leadership) -> Self {
+        FencingToken(leadership.term())
+    }
+}
+
 impl From<&Lease> for FencingToken {
     fn from(lease: &Lease) -> Self {
         FencingToken(lease.fencing_token())
