@@ -362,3 +362,35 @@ async fn errors_exit_1_with_a_clear_message_and_never_a_password() {
     let usage = cli("redis://127.0.0.1:6379", &["watch", "--interval", "0s"], "").await;
     assert_eq!(code(&usage), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_shows_who_leads_an_election_and_its_term() {
+    let server = RedisServer::start().await;
+    let out = cli(&server.url(), &["leader", "scheduler"], "").await;
+    assert_eq!(
+        (code(&out), stdout(&out)),
+        (3, "nobody leads `scheduler`\n".to_owned())
+    );
+
+    let locker = Locker::connect(&server.url()).await.unwrap();
+    let leadership = locker
+        .election("scheduler")
+        .campaign("10.0.0.7:8080")
+        .await
+        .unwrap();
+    let out = cli(&server.url(), &["leader", "scheduler"], "").await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "`scheduler` is led by 10.0.0.7:8080 (term {})\n",
+            leadership.term()
+        )
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &cli(&server.url(), &["--json", "leader", "scheduler"], "").await,
+    ))
+    .unwrap();
+    assert_eq!(json["leader"], "10.0.0.7:8080");
+    assert_eq!(json["term"], leadership.term());
+}

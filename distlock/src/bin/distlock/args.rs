@@ -88,6 +88,12 @@ pub(crate) enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Show who leads an election (`Locker::election`); exits with 3 when
+    /// nobody does.
+    Leader {
+        /// The election's name.
+        name: String,
+    },
     /// Release a lock whoever holds it; asks first unless `--yes`.
     Unlock {
         /// The lock key, without the prefix.

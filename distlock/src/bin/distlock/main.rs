@@ -4,6 +4,7 @@
 //! distlock ls [PATTERN]        held locks: key, kind, holder, token, time left
 //! distlock show KEY            one lock in detail (exit 3 when nobody holds it)
 //! distlock watch [PATTERN]     the same table, printed again whenever it changes
+//! distlock leader NAME         who leads an election, and its term
 //! distlock unlock KEY [--yes]  force release, after a confirmation
 //! ```
 //!
@@ -103,6 +104,11 @@ async fn command(locker: &Locker, args: &Args) -> Result<u8, distlock::Error> {
             interval,
             count,
         } => watch(locker, pattern, *interval, *count, json).await,
+        Command::Leader { name } => {
+            let leader = locker.election(name.as_str()).leader().await?;
+            print!("{}", render::leader(name, leader.as_ref(), json));
+            Ok(if leader.is_some() { 0 } else { NOT_HELD })
+        }
         Command::Unlock { key, yes } => unlock(locker, key, *yes, json).await,
     }
 }

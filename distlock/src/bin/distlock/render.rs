@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use distlock::{Holder, LockStatus};
+use distlock::{Holder, Leader, LockStatus};
 use serde_json::{json, Value};
 
 /// The error and its sources, `: `-separated (distlock's `Display` leaves the
@@ -135,6 +135,19 @@ pub(crate) fn show(key: &str, status: Option<&LockStatus>, json: bool) -> String
         );
     }
     out
+}
+
+/// Who leads the election `name`, or that nobody does.
+pub(crate) fn leader(name: &str, leader: Option<&Leader>, json: bool) -> String {
+    match (leader, json) {
+        (Some(l), true) => format!(
+            "{}\n",
+            json!({ "election": name, "leader": l.value(), "term": l.term() })
+        ),
+        (None, true) => format!("{}\n", json!({ "election": name, "leader": null })),
+        (Some(l), false) => format!("`{name}` is led by {} (term {})\n", l.value(), l.term()),
+        (None, false) => format!("nobody leads `{name}`\n"),
+    }
 }
 
 /// Who holds it, in a few words: `host:42: (token 17)`.
