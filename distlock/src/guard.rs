@@ -285,6 +285,42 @@ impl LockGuard {
         result
     }
 
+    /// Releases the guards of one acquisition on several keys together (see
+    /// [`Backend::release_all`](crate::backend::Backend::release_all)); one
+    /// outcome per guard, or one error for all. Cancel safe as
+    /// [`release`](LockGuard::release).
+    pub(crate) async fn release_together(guards: Vec<LockGuard>) -> Vec<Result<()>> {
+        let (lost, mut live): (Vec<_>, Vec<_>) = guards
+            .into_iter()
+            .partition(|g| g.lease.lost_reason().is_some());
+        for g in &mut live {
+            g.armed = false;
+        }
+        // From here the handovers release what this future, dropped, did not.
+        let handovers: Vec<Handover<'_>> = live
+            .iter()
+            .map(|g| {
+                g.lease.set_releasing();
+                Handover {
+                    lease: Some(Arc::clone(&g.lease)),
+                    locker: &g.locker,
+                }
+            })
+            .collect();
+        let mut out = Vec::with_capacity(lost.len() + live.len());
+        if let Some(first) = live.first() {
+            let leases: Vec<&LeaseState> = live.iter().map(|g| &*g.lease).collect();
+            out.extend(crate::keeper::release_all(first.locker.backend(), &leases).await);
+        }
+        for handover in handovers {
+            handover.done();
+        }
+        for guard in lost {
+            out.push(guard.release().await);
+        }
+        out
+    }
+
     /// Stops renewing and returns the lease as a plain value, to be extended or
     /// released later, from another task or process, with
     /// [`Locker::extend_lease`], [`Locker::release_lease`] or [`Locker::adopt`].
@@ -348,13 +384,15 @@ impl Drop for Handover<'_> {
 
 pin_project_lite::pin_project! {
     /// A future that completes with the reason when a lease is lost; see
-    /// [`LockGuard::lost`]. It is `Send + 'static`, so it can be moved into other
-    /// tasks.
+    /// [`LockGuard::lost`] and [`MultiGuard::lost`](crate::MultiGuard::lost).
+    /// It is `Send + 'static`, so it can be moved into other tasks.
     #[must_use = "futures do nothing unless polled"]
     pub struct Lost {
         #[pin]
         cancelled: WaitForCancellationFutureOwned,
-        lease: Arc<LeaseState>,
+        // The leases whose loss fires it (one, or those of a lock on
+        // several keys).
+        leases: Box<[Arc<LeaseState>]>,
     }
 }
 
@@ -362,15 +400,24 @@ impl Lost {
     pub(crate) fn new(lease: Arc<LeaseState>) -> Self {
         Lost {
             cancelled: lease.lost_token().clone().cancelled_owned(),
-            lease,
+            leases: Box::new([lease]),
+        }
+    }
+
+    /// Fires with `signal`, which any of `leases` fires when lost.
+    pub(crate) fn any(signal: &CancellationToken, leases: Box<[Arc<LeaseState>]>) -> Self {
+        Lost {
+            cancelled: signal.clone().cancelled_owned(),
+            leases,
         }
     }
 }
 
 impl fmt::Debug for Lost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&str> = self.leases.iter().map(|l| l.keys.name.as_str()).collect();
         f.debug_struct("Lost")
-            .field("key", &self.lease.keys.name)
+            .field("keys", &keys)
             .finish_non_exhaustive()
     }
 }
@@ -381,7 +428,8 @@ impl Future for Lost {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<LostReason> {
         let this = self.project();
         ready!(this.cancelled.poll(cx));
-        Poll::Ready(this.lease.lost_reason().unwrap_or(LostReason::Closed))
+        let reason = this.leases.iter().find_map(|l| l.lost_reason());
+        Poll::Ready(reason.unwrap_or(LostReason::Closed))
     }
 }
 

@@ -779,6 +779,35 @@ pub(crate) async fn release(
         }
         _ => backend.release(&lease.keys, &lease.token).await,
     };
+    settle(lease, ours)
+}
+
+/// Releases the leases of one acquisition on several keys together: under
+/// one token in one request where they were taken so (see
+/// [`Backend::release_all`]), else each at once. One outcome per lease, or one
+/// error for all when the backend could not be told.
+pub(crate) async fn release_all(backend: &Backend, leases: &[&LeaseState]) -> Vec<Result<()>> {
+    let Some(first) = leases.first() else {
+        return Vec::new();
+    };
+    if leases.iter().any(|l| l.token != first.token) {
+        // Taken one by one (a Cluster, Redlock): each under its own token.
+        let each = leases.iter().map(|l| release(backend, l, None));
+        return futures_util::future::join_all(each).await;
+    }
+    let locks: Vec<_> = leases.iter().map(|l| l.keys.clone()).collect();
+    match backend.release_all(&locks, &first.token).await {
+        Ok(ours) => leases
+            .iter()
+            .zip(ours)
+            .map(|(lease, ours)| settle(lease, Ok(ours)))
+            .collect(),
+        Err(e) => vec![Err(e)],
+    }
+}
+
+/// What a release's answer means for its lease.
+fn settle(lease: &LeaseState, ours: Result<bool>) -> Result<()> {
     obs::released(&lease.keys.name, &lease.name, lease.acquired_at.elapsed());
     match ours {
         Ok(true) => Ok(()),

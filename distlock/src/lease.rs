@@ -32,6 +32,9 @@ pub(crate) struct LeaseState {
     /// [`LockGuard::expires_in`](crate::LockGuard::expires_in).
     deadline: Mutex<Option<Instant>>,
     lost: CancellationToken,
+    /// A lock on several keys: the signal all its leases share, fired with
+    /// this one's.
+    group: Mutex<Option<CancellationToken>>,
     reason: OnceLock<LostReason>,
     /// Counts the lease in the held-leases gauge until it is released,
     /// lost or detached, whichever comes first.
@@ -62,6 +65,7 @@ impl LeaseState {
             name,
             deadline: Mutex::new(None),
             lost: CancellationToken::new(),
+            group: Mutex::new(None),
             reason: OnceLock::new(),
             releasing: AtomicBool::new(false),
             held: Mutex::new(None),
@@ -111,6 +115,19 @@ impl LeaseState {
         if self.reason.set(reason).is_ok() {
             obs::lost(&self.keys.name, &self.name, reason);
             self.lost.cancel();
+            if let Some(group) = &*self.group.lock().unwrap_or_else(PoisonError::into_inner) {
+                group.cancel();
+            }
+        }
+    }
+
+    /// Makes `group` fire when this lease is lost (at once if it already is).
+    pub(crate) fn join_group(&self, group: &CancellationToken) {
+        let mut slot = self.group.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(group.clone());
+        // Under the lock: a loss either saw the group or fired `lost` first.
+        if self.lost.is_cancelled() {
+            group.cancel();
         }
     }
 

@@ -9,6 +9,7 @@
 //   builder     LockerBuilder: every option, validated in build()
 //   config      Config: the builder's options from a file (`serde`)
 //   lock        Lock: try_acquire, acquire (one attempt, the wait loop), run
+//   multi       MultiLock: several keys, all or none, in canonical order
 //   semaphore   Semaphore: a Lock with permits
 //   rwlock      RwLock: its two sides as Locks
 //   guard       LockGuard, the lost-signal future, detached Lease
@@ -47,6 +48,7 @@ mod key;
 mod lease;
 mod lock;
 mod locker;
+mod multi;
 mod notify;
 mod obs;
 mod options;
@@ -68,6 +70,7 @@ pub use inspect::{Holder, LockStatus, LockType, Role};
 pub use key::MAX_KEY_LEN;
 pub use lock::Lock;
 pub use locker::{default_locker, set_default, Locker};
+pub use multi::{MultiGuard, MultiLock, MAX_KEYS};
 pub use options::{MAX_EXPIRY, MAX_HOLD, MIN_EXPIRY};
 pub use run::{current, Current, OnBusy, Policy};
 pub use rwlock::{ReadGuard, RwLock, WriteGuard};

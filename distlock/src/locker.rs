@@ -16,6 +16,7 @@ use crate::keeper::{Cmd, Keeper};
 use crate::key::{Keys, LockKind};
 use crate::lease::LeaseState;
 use crate::lock::Lock;
+use crate::multi::MultiLock;
 use crate::obs;
 use crate::options::LeaseOptions;
 use crate::queue::Queues;
@@ -212,6 +213,28 @@ impl Locker {
     /// characters; they are checked when acquiring.
     pub fn lock(&self, key: impl Into<String>) -> Lock {
         Lock::new(self.clone(), key.into(), LockKind::Mutex, self.inner.opts)
+    }
+
+    /// Mutexes on several keys, taken all at once or not at all: a
+    /// transfer between two accounts, a job that rebuilds two reports. The
+    /// keys are [`lock`](Locker::lock)'s keys (a `MultiLock` on `a` and `b`
+    /// excludes `lock("a")`); duplicates count once. See [`MultiLock`] for
+    /// how each backend takes them.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), distlock::Error> {
+    /// let locker = distlock::Locker::memory();
+    /// let guard = locker.lock_many(["account:1", "account:2"]).acquire().await?;
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn lock_many<I>(&self, keys: I) -> MultiLock
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let keys = keys.into_iter().map(Into::into).collect();
+        MultiLock::new(self.clone(), keys, self.inner.opts)
     }
 
     /// A counting semaphore on `key`: at most `max` holders at once. Every user

@@ -2,6 +2,7 @@
 //! release. `#[distributed_lock]` and the tower layer both call it.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Chain, Error, Result};
 use crate::guard::{LockGuard, Lost};
 use crate::key::LockKind;
+use crate::lease::LeaseState;
 use crate::lock::Lock;
 
 /// What to do when the lock is held by another owner.
@@ -165,12 +167,77 @@ pub fn current() -> Option<Current> {
     HELD.try_with(|held| held.last().cloned()).ok().flatten()
 }
 
-fn held_here(locker_id: u64, kind: LockKind, key: &str) -> bool {
+/// True when the running task holds `key` through a `run` of this locker.
+pub(crate) fn held_here(locker_id: u64, kind: LockKind, key: &str) -> bool {
     HELD.try_with(|held| {
         held.iter()
             .any(|c| c.locker_id == locker_id && c.kind == kind && c.key == key)
     })
     .unwrap_or(false)
+}
+
+/// `lock` with the policy's expiry and hold limit (`expiry` and `max_hold`
+/// set them); checks `at_least`.
+pub(crate) fn with_policy<L>(
+    policy: &Policy,
+    mut lock: L,
+    expiry: impl FnOnce(L, Duration) -> L,
+    max_hold: impl FnOnce(L, Duration) -> L,
+) -> Result<L> {
+    if let Some(e) = policy.expiry {
+        lock = expiry(lock, e);
+    }
+    if let Some(at_most) = policy.at_most {
+        lock = max_hold(lock, at_most);
+    }
+    if let Some(at_least) = policy.at_least {
+        crate::options::check_hold("at_least", at_least)?;
+    }
+    Ok(lock)
+}
+
+/// Acquires as the policy says: `wait` (given the timeout) with
+/// [`OnBusy::Wait`], else one attempt (`try_once`). `Ok(None)`: skipped.
+pub(crate) async fn acquire_by<G, W, T>(
+    policy: &Policy,
+    key: &str,
+    wait: impl FnOnce(Option<Duration>) -> W,
+    try_once: impl FnOnce() -> T,
+) -> Result<Option<G>>
+where
+    W: Future<Output = Result<G>>,
+    T: Future<Output = Result<Option<G>>>,
+{
+    match policy.on_busy {
+        OnBusy::Wait => wait(policy.timeout).await.map(Some),
+        OnBusy::Skip => try_once().await,
+        OnBusy::Reject => match try_once().await? {
+            Some(g) => Ok(Some(g)),
+            None => Err(Error::busy(key)),
+        },
+    }
+}
+
+/// When the keys of a run with `at_least` may be let go: that long after
+/// the first was acquired.
+pub(crate) fn keep_until(policy: &Policy, guards: &[LockGuard]) -> Option<Instant> {
+    let acquired = guards.iter().map(|g| g.state().acquired_at).min()?;
+    policy.at_least.and_then(|a| acquired.checked_add(a))
+}
+
+/// What a run returns, from the work's outcome and the release's.
+pub(crate) fn outcome<T>(key: &str, output: Result<T>, released: Result<()>) -> Result<Option<T>> {
+    match (output, released) {
+        (Err(lost), _) => Err(lost),
+        (Ok(_), Err(e @ Error::Lost { .. })) => Err(e),
+        (Ok(out), Err(e)) => {
+            // The work finished while the lease was held; only telling Redis
+            // failed, and the key expires by itself.
+            tracing::warn!(key, error = %Chain(&e), "release failed after the work finished");
+            Ok(Some(out))
+        }
+        (Ok(out), Ok(())) => Ok(Some(out)),
+    }
 }
 
 /// The body of [`Lock::run`]: the future owns a clone of the lock and of
@@ -184,73 +251,64 @@ pub(crate) async fn run_locked<F: Future>(
     if held_here(locker_id, this.kind(), this.key()) {
         return Ok(Some(work.await));
     }
-    let mut lock = this.clone();
-    if let Some(expiry) = policy.expiry {
-        lock = lock.expiry(expiry);
-    }
-    if let Some(at_most) = policy.at_most {
-        lock = lock.max_hold(at_most);
-    }
-    if let Some(at_least) = policy.at_least {
-        crate::options::check_hold("at_least", at_least)?;
-    }
-    let guard = match policy.on_busy {
-        OnBusy::Wait => match policy.timeout {
-            Some(t) => lock.acquire_timeout(t).await?,
-            None => lock.acquire().await?,
+    let lock = with_policy(&policy, this.clone(), Lock::expiry, Lock::max_hold)?;
+    let lock = &lock;
+    let acquired = acquire_by(
+        &policy,
+        this.key(),
+        |timeout| async move {
+            match timeout {
+                Some(t) => lock.acquire_timeout(t).await,
+                None => lock.acquire().await,
+            }
         },
-        OnBusy::Skip => match lock.try_acquire().await? {
-            Some(g) => g,
-            None => return Ok(None),
-        },
-        OnBusy::Reject => match lock.try_acquire().await? {
-            Some(g) => g,
-            None => return Err(Error::busy(this.key())),
-        },
+        || lock.try_acquire(),
+    )
+    .await?;
+    let Some(mut guard) = acquired else {
+        return Ok(None);
     };
-    let mut guard = guard;
-    let keep_until = policy
-        .at_least
-        .and_then(|a| guard.state().acquired_at.checked_add(a));
+    let keep_until = keep_until(&policy, std::slice::from_ref(&guard));
     if let Some(until) = keep_until {
         // Also when this future is dropped mid-work: a job deduplicated with
         // `at_least` must not run again elsewhere at once.
         guard.keep_until(until);
     }
-    let output = hold(locker_id, &guard, work).await;
+    let output = hold(locker_id, &[Arc::clone(guard.state())], guard.lost(), work).await;
     let released = match keep_until {
         Some(until) if until > Instant::now() => guard.release_at(until).await,
         _ => guard.release().await,
     };
-    match (output, released) {
-        (Err(lost), _) => Err(lost),
-        (Ok(_), Err(e @ Error::Lost { .. })) => Err(e),
-        (Ok(out), Err(e)) => {
-            // The work finished while the lease was held; only telling Redis
-            // failed, and the key expires by itself.
-            tracing::warn!(key = this.key(), error = %Chain(&e), "release failed after the work finished");
-            Ok(Some(out))
-        }
-        (Ok(out), Ok(())) => Ok(Some(out)),
-    }
+    outcome(this.key(), output, released)
 }
 
-/// Runs `work` with the lease visible through [`current()`], racing it against the
-/// lost signal.
-async fn hold<F: Future>(locker_id: u64, guard: &LockGuard, work: F) -> Result<F::Output> {
-    let state = guard.state();
+/// Runs `work` with the leases visible through [`current()`], racing it
+/// against the lost signal `lost` (which any of them fires).
+pub(crate) async fn hold<F: Future>(
+    locker_id: u64,
+    leases: &[Arc<LeaseState>],
+    lost: Lost,
+    work: F,
+) -> Result<F::Output> {
     let mut stack = HELD.try_with(Clone::clone).unwrap_or_default();
-    stack.push(Current {
-        locker_id,
-        kind: state.keys.kind,
-        key: state.keys.name.clone(),
-        fencing_token: state.fence,
-        lost: state.lost_token().clone(),
-    });
-    let lost: Lost = guard.lost();
+    for state in leases {
+        stack.push(Current {
+            locker_id,
+            kind: state.keys.kind,
+            key: state.keys.name.clone(),
+            fencing_token: state.fence,
+            lost: state.lost_token().clone(),
+        });
+    }
     tokio::select! {
         biased;
-        reason = lost => Err(state.lost_error(reason)),
+        reason = lost => {
+            let state = leases.iter().find(|l| l.lost_reason().is_some()).or(leases.first());
+            Err(match state {
+                Some(state) => state.lost_error(reason),
+                None => Error::Closed,
+            })
+        }
         out = HELD.scope(stack, work) => Ok(out),
     }
 }

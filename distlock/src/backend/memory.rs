@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Attempt, RawHolder, Renewal, Request, Retoken, Snapshot};
+use super::{Attempt, AttemptAll, RawHolder, Renewal, Request, Retoken, Snapshot};
 use crate::error::{Error, Result};
 use crate::inspect::Role;
 use crate::key::{holder_name, InspectKeys, Keys, LockKind};
@@ -258,9 +258,49 @@ impl MemoryBackend {
         })
     }
 
+    /// Takes every one of these mutexes under `token`, or none of them.
+    pub(crate) fn acquire_all(&self, locks: &[Keys], token: &str, expiry: Duration) -> AttemptAll {
+        self.with(|s, now| {
+            for (index, keys) in locks.iter().enumerate() {
+                if let Some(h) = s.one(&keys.lock, now) {
+                    if h.token != token {
+                        let ttl = Some(h.expires - now);
+                        return AttemptAll::Held { index, ttl };
+                    }
+                }
+            }
+            let until = now + expiry;
+            let fences = locks
+                .iter()
+                .map(|keys| match s.one(&keys.lock, now) {
+                    Some(h) => {
+                        h.expires = until;
+                        h.fence
+                    }
+                    None => s.set_one(&keys.lock, &keys.name, token, until),
+                })
+                .collect();
+            AttemptAll::Acquired { fences }
+        })
+    }
+
     pub(crate) fn release(&self, keys: &Keys, token: &str) -> bool {
         let released = self.with(|s, now| remove_holder(s, &keys.lock, token, now));
         if released {
+            self.hub.notify(&keys.channel);
+        }
+        released
+    }
+
+    /// Releases several mutexes at once; one `bool` per lock.
+    pub(crate) fn release_all(&self, locks: &[Keys], token: &str) -> Vec<bool> {
+        let released: Vec<bool> = self.with(|s, now| {
+            locks
+                .iter()
+                .map(|keys| remove_holder(s, &keys.lock, token, now))
+                .collect()
+        });
+        for (keys, _) in locks.iter().zip(&released).filter(|(_, r)| **r) {
             self.hub.notify(&keys.channel);
         }
         released

@@ -45,6 +45,16 @@ pub(crate) enum Attempt {
     Held { ttl: Option<Duration> },
 }
 
+/// The outcome of one all-or-none attempt on several mutexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AttemptAll {
+    /// Every lock is ours, with these fencing tokens (in the order asked).
+    Acquired { fences: Vec<u64> },
+    /// Lock `index` is held by another owner (for `ttl` more if the server
+    /// said so); none was taken.
+    Held { index: usize, ttl: Option<Duration> },
+}
+
 /// One lease to renew in a batch.
 #[derive(Debug, Clone)]
 pub(crate) struct Renewal {
@@ -188,6 +198,29 @@ impl Backend {
         }
     }
 
+    /// One attempt to take several mutexes at once, all or none, where one
+    /// request can do it: on one server (or Sentinel's master) and in memory.
+    /// `None` on a Cluster, whose keys live in different slots, and on
+    /// Redlock: the caller takes the keys one by one there. Cancel safe as
+    /// [`acquire`](Backend::acquire).
+    pub(crate) async fn acquire_all(
+        &self,
+        locks: &[Keys],
+        token: &str,
+        expiry: Duration,
+    ) -> Option<Result<AttemptAll>> {
+        match self {
+            Backend::Redis(b) if !b.is_cluster() => {
+                Some(boxed(b.acquire_all(locks, token, expiry)).await)
+            }
+            Backend::Redis(_) | Backend::Redlock(_) => None,
+            Backend::Memory(b) => {
+                yield_now().await;
+                Some(Ok(b.acquire_all(locks, token, expiry)))
+            }
+        }
+    }
+
     /// How many live holders a shared lock (semaphore) has.
     pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
         match self {
@@ -217,6 +250,35 @@ impl Backend {
         };
         if let Ok(true) = released {
             hub.released_here(&keys.channel, token);
+        }
+        released
+    }
+
+    /// Releases the mutexes of one acquisition on several keys (one token):
+    /// in one request where [`acquire_all`](Backend::acquire_all) took them in
+    /// one, so that nobody sees some released and others still held; else
+    /// each at once. One `bool` per lock, in order.
+    pub(crate) async fn release_all(&self, locks: &[Keys], token: &str) -> Result<Vec<bool>> {
+        let (released, hub) = match self {
+            Backend::Redis(b) if !b.is_cluster() => {
+                (boxed(b.release_all(locks, token)).await, b.hub())
+            }
+            Backend::Redis(_) | Backend::Redlock(_) => {
+                let each = locks.iter().map(|keys| self.release(keys, token));
+                return futures_util::future::join_all(each)
+                    .await
+                    .into_iter()
+                    .collect();
+            }
+            Backend::Memory(b) => {
+                yield_now().await;
+                return Ok(b.release_all(locks, token));
+            }
+        };
+        if let Ok(released) = &released {
+            for (keys, _) in locks.iter().zip(released).filter(|(_, r)| **r) {
+                hub.released_here(&keys.channel, token);
+            }
         }
         released
     }

@@ -25,11 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use self::conn::{AnyPool, Checked, Conn};
 use self::scripts::{
-    acquire_invocation, kind_flag, parse_attempt, parse_snapshot, FENCE_TTL_MS, SCRIPTS,
+    acquire_all_invocation, acquire_invocation, kind_flag, parse_all, parse_attempt,
+    parse_snapshot, FENCE_TTL_MS, SCRIPTS,
 };
 use self::slots::Identity;
 pub(crate) use self::tasks::PubSubSource;
-use super::{Attempt, Renewal, Request, Retoken, Snapshot};
+use super::{Attempt, AttemptAll, Renewal, Request, Retoken, Snapshot};
 use crate::error::{Error, Result};
 use crate::eviction::Eviction;
 use crate::key::{holder_name, InspectKeys, Keys, LockKind};
@@ -216,6 +217,11 @@ impl RedisBackend {
         per_try * 2 + wait
     }
 
+    /// True for a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.shared.pool.is_cluster()
+    }
+
     pub(crate) fn shutdown(&self) {
         self.shared.shutdown.cancel();
         for slot in self.shared.slots.iter() {
@@ -286,15 +292,76 @@ impl RedisBackend {
 
     pub(crate) async fn acquire(&self, req: Request<'_>) -> Result<Attempt> {
         let (keys, token, expiry, intent) = req.parts();
-        // Until a definite answer arrives, the attempt may have taken the lock: if
-        // this future is dropped or fails, release the token in the background.
+        let locks = std::slice::from_ref(keys);
+        self.acquire_with(
+            locks,
+            token,
+            expiry,
+            2,
+            |register| acquire_invocation(keys, token, expiry, intent, register),
+            |reply| {
+                let attempt = parse_attempt(keys, reply)?;
+                Ok((attempt, matches!(attempt, Attempt::Acquired { .. })))
+            },
+        )
+        .await
+        .map(|a| a.unwrap_or_else(|wait| Attempt::Held { ttl: Some(wait) }))
+    }
+
+    /// One all-or-none attempt on several mutexes, in one script (a single
+    /// server: never a Cluster, whose keys live in different slots).
+    pub(crate) async fn acquire_all(
+        &self,
+        locks: &[Keys],
+        token: &str,
+        expiry: Duration,
+    ) -> Result<AttemptAll> {
+        self.acquire_with(
+            locks,
+            token,
+            expiry,
+            1,
+            |register| acquire_all_invocation(locks, token, expiry, register),
+            |reply| {
+                let attempt = parse_all(locks, reply)?;
+                let taken = matches!(attempt, AttemptAll::Acquired { .. });
+                Ok((attempt, taken))
+            },
+        )
+        .await
+        .map(|a| {
+            a.unwrap_or_else(|wait| AttemptAll::Held {
+                index: 0,
+                ttl: Some(wait),
+            })
+        })
+    }
+
+    /// The steps of every acquisition: the restart quarantine, the expiry
+    /// register, the script (built by `invocation`, given the register's key
+    /// when the script should read it, which it returns at `register_at`),
+    /// and the replicas' acknowledgement of a grant. `Err(wait)` inside the
+    /// `Ok`: not sent, the server restarted and acquisitions wait this long.
+    /// Cancel safe: until a definite answer arrives, the attempt may have
+    /// taken the locks, which a drop or a failure releases in the
+    /// background.
+    async fn acquire_with<T>(
+        &self,
+        locks: &[Keys],
+        token: &str,
+        expiry: Duration,
+        register_at: usize,
+        invocation: impl Fn(Option<&str>) -> redis::ScriptInvocation<'static>,
+        parse: impl FnOnce(&[Value]) -> Result<(T, bool)>,
+    ) -> Result<std::result::Result<T, Duration>> {
         let mut in_doubt = InDoubt {
             backend: self.clone(),
-            keys: Some(keys.clone()),
+            keys: locks.to_vec(),
             token: token.to_owned(),
             conn: Mutex::new(None),
         };
         let carried = &in_doubt.conn;
+        let invocation = &invocation;
         let reply = self
             .try_call(None, "acquire", |mut conn| async move {
                 if let Some(wait) = self.quarantine() {
@@ -308,41 +375,39 @@ impl RedisBackend {
                 self.register(&mut conn, millis(expiry)).await?;
                 *carried.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
                 let register = self.shared.settings.register_key.as_deref();
-                let inv = acquire_invocation(keys, token, expiry, intent, register);
+                let inv = invocation(register);
                 Ok(inv.invoke_async(&mut conn).await.map(Reply::Answer))
             })
             .await?;
         let reply: Vec<Value> = match reply {
             Reply::Answer(reply) => reply,
             Reply::Quarantined(wait) => {
-                in_doubt.keys = None;
-                return Ok(Attempt::Held { ttl: Some(wait) });
+                in_doubt.keys.clear();
+                return Ok(Err(wait));
             }
         };
-        let attempt = parse_attempt(keys, &reply);
         if let Some(seen) = reply
-            .get(2)
+            .get(register_at)
             .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
         {
             self.shared
                 .register_seen_ms
                 .fetch_max(seen, Ordering::Relaxed);
         }
+        // A reply that cannot be read (a fencing counter beyond u64) may still
+        // have taken the locks: `in_doubt` releases them then.
+        let (attempt, taken) = parse(&reply)?;
         let carrier = in_doubt
             .conn
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        if let (Ok(Attempt::Acquired { .. }), Some(mut conn)) = (&attempt, carrier) {
-            // Dropped or failed from here on, the lock is released by `in_doubt`.
+        if let (true, Some(mut conn)) = (taken, carrier) {
+            // Dropped or failed from here on, the locks are released by `in_doubt`.
             self.wait_for_replicas(&mut conn, "acquire").await?;
         }
-        // A reply that cannot be read (a fencing counter beyond u64) may still
-        // have taken the lock: `in_doubt` releases it then.
-        if attempt.is_ok() {
-            in_doubt.keys = None;
-        }
-        attempt
+        in_doubt.keys.clear();
+        Ok(Ok(attempt))
     }
 
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
@@ -358,6 +423,24 @@ impl RedisBackend {
         })
         .await
         .map(|n| n == 1)
+    }
+
+    /// Releases several mutexes of one acquisition in one script (one
+    /// server: never a Cluster); one `bool` per lock, in order.
+    pub(crate) async fn release_all(&self, locks: &[Keys], token: &str) -> Result<Vec<bool>> {
+        let released: Vec<i64> = self
+            .call("release", |mut c| async move {
+                let mut inv = SCRIPTS.release_all.prepare_invoke();
+                for keys in locks {
+                    inv.key(&keys.lock);
+                }
+                for keys in locks {
+                    inv.key(&keys.channel);
+                }
+                inv.arg(token).invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(released.into_iter().map(|n| n == 1).collect())
     }
 
     pub(crate) async fn count(&self, keys: &Keys) -> Result<usize> {
@@ -457,7 +540,7 @@ impl RedisBackend {
         // carried the request first, so the release cannot overtake it.
         let mut in_doubt = InDoubt {
             backend: self.clone(),
-            keys: Some(keys.clone()),
+            keys: vec![keys.clone()],
             token: new.to_owned(),
             conn: Mutex::new(None),
         };
@@ -483,7 +566,7 @@ impl RedisBackend {
             })
             .await
             .map(|n| n == 1)?;
-        in_doubt.keys = None;
+        in_doubt.keys.clear();
         Ok(adopted)
     }
 
@@ -679,7 +762,8 @@ enum Reply {
 /// attempt (so the release cannot overtake it), then on a fresh one.
 struct InDoubt {
     backend: RedisBackend,
-    keys: Option<Keys>,
+    /// What the attempt may have taken; emptied once the answer is known.
+    keys: Vec<Keys>,
     token: String,
     /// The connection that carried the attempt (set before it is sent).
     conn: Mutex<Option<Conn>>,
@@ -692,7 +776,8 @@ impl Drop for InDoubt {
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let (Some(keys), Some(mut conn)) = (self.keys.take(), conn) else {
+        let keys = std::mem::take(&mut self.keys);
+        let (false, Some(mut conn)) = (keys.is_empty(), conn) else {
             return;
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -701,19 +786,21 @@ impl Drop for InDoubt {
         let backend = self.backend.clone();
         let token = std::mem::take(&mut self.token);
         rt.spawn(async move {
-            let first = tokio::time::timeout(
-                backend.shared.settings.op_timeout,
-                SCRIPTS
-                    .release
-                    .key(&keys.lock)
-                    .key(&keys.channel)
-                    .arg(&token)
-                    .arg(kind_flag(keys.kind.shared()))
-                    .invoke_async::<i64>(&mut conn),
-            )
-            .await;
-            if !matches!(first, Ok(Ok(_))) {
-                let _ = backend.release(&keys, &token).await;
+            for keys in &keys {
+                let first = tokio::time::timeout(
+                    backend.shared.settings.op_timeout,
+                    SCRIPTS
+                        .release
+                        .key(&keys.lock)
+                        .key(&keys.channel)
+                        .arg(&token)
+                        .arg(kind_flag(keys.kind.shared()))
+                        .invoke_async::<i64>(&mut conn),
+                )
+                .await;
+                if !matches!(first, Ok(Ok(_))) {
+                    let _ = backend.release(keys, &token).await;
+                }
             }
         });
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::{Script, Value};
 
 use super::millis;
-use crate::backend::{Attempt, RawHolder, Snapshot};
+use crate::backend::{Attempt, AttemptAll, RawHolder, Snapshot};
 use crate::error::{Error, Result};
 use crate::inspect::Role;
 use crate::key::{Keys, LockKind};
@@ -124,6 +124,46 @@ if write then redis.call('del', KEYS[4]) end
     "return {1, f, reg()}\n"
 );
 
+/// Acquire several mutexes at once, all or none (one server only: the keys
+/// are in different cluster slots).
+///
+/// KEYS: the N locks, then their N fencing counters, then the expiry register
+/// (when ARGV[5] is `1`).
+/// ARGV: token, expiry ms, fence ttl ms, N, `1` to read the expiry register.
+/// Returns `{1, register, fence 1, ..., fence N}` when all are ours (a lock
+/// already holding our token, from a retried attempt, keeps its token),
+/// `{0, register, i, ms left}` when lock `i` is held (nothing is taken), `{2,
+/// type, i}` for a key of another type.
+const ACQUIRE_ALL: &str = concat!(
+    "local FTTL = 3\n",
+    register!(),
+    r"
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  local kind = redis.call('type', KEYS[i])['ok']
+  if kind ~= 'string' and kind ~= 'none' then return {2, kind, i} end
+  if kind == 'string' and redis.call('get', KEYS[i]) ~= ARGV[1] then
+    return {0, reg(), i, tostring(redis.call('pttl', KEYS[i]))}
+  end
+end
+local out = {1, reg()}
+for i = 1, n do
+  local FENCE = n + i
+  if redis.call('get', KEYS[i]) == ARGV[1] then
+    redis.call('pexpire', KEYS[i], ARGV[2])
+    out[i + 2] = redis.call('get', KEYS[FENCE]) or '0'
+  else
+    redis.call('set', KEYS[i], ARGV[1], 'PX', ARGV[2])
+",
+    mint_fence!("for j = 1, n do if redis.call('get', KEYS[j]) == ARGV[1] then redis.call('del', KEYS[j]) end end"),
+    r"
+    out[i + 2] = f
+  end
+end
+return out
+"
+);
+
 /// Acquire a semaphore permit or a read lock: a member of a sorted set scored by
 /// its expiry on the server's clock; expired members are purged first.
 ///
@@ -237,6 +277,27 @@ if ok == 1 then redis.call('publish', KEYS[2], ARGV[1]) end
 return ok
 "
 );
+
+/// Release several mutexes of one acquisition at once: compare-and-delete
+/// each, then wake each one's waiters.
+///
+/// KEYS: the N locks, then their N channels. ARGV: token.
+/// Returns `1` or `0` per lock: released, or not ours (any more).
+const RELEASE_ALL: &str = r"
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  out[i] = 0
+  if redis.pcall('get', KEYS[i]) == ARGV[1] then
+    redis.call('del', KEYS[i])
+    out[i] = 1
+  end
+end
+for i = 1, n do
+  if out[i] == 1 then redis.call('publish', KEYS[n + i], ARGV[1]) end
+end
+return out
+";
 
 /// Extend a batch: compare-and-pexpire each string, or push each live
 /// sorted-set member's expiry. A semaphore's permit count lives as long as its
@@ -357,8 +418,10 @@ return out
 
 pub(super) struct Scripts {
     pub(super) exclusive: Script,
+    pub(super) all: Script,
     pub(super) shared: Script,
     pub(super) release: Script,
+    pub(super) release_all: Script,
     pub(super) extend_many: Script,
     pub(super) count: Script,
     pub(super) fence_floor: Script,
@@ -370,8 +433,10 @@ pub(super) struct Scripts {
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     exclusive: Script::new(ACQUIRE_EXCLUSIVE),
+    all: Script::new(ACQUIRE_ALL),
     shared: Script::new(ACQUIRE_SHARED),
     release: Script::new(RELEASE),
+    release_all: Script::new(RELEASE_ALL),
     extend_many: Script::new(EXTEND_MANY),
     count: Script::new(COUNT),
     fence_floor: Script::new(FENCE_FLOOR),
@@ -383,10 +448,12 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 /// Every script's source, for [`preload`] (a unit test checks that it names
 /// every script of [`SCRIPTS`]).
-const SOURCES: [&str; 10] = [
+const SOURCES: [&str; 12] = [
     ACQUIRE_EXCLUSIVE,
+    ACQUIRE_ALL,
     ACQUIRE_SHARED,
     RELEASE,
+    RELEASE_ALL,
     EXTEND_MANY,
     COUNT,
     FENCE_FLOOR,
@@ -490,6 +557,79 @@ pub(super) fn parse_attempt(keys: &Keys, reply: &[Value]) -> Result<Attempt> {
     }
 }
 
+/// The all-or-none invocation of `ACQUIRE_ALL` for several mutexes; with
+/// `register`, the script also returns the expiry register's value.
+pub(super) fn acquire_all_invocation<'a>(
+    locks: &[Keys],
+    token: &str,
+    expiry: Duration,
+    register: Option<&str>,
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = SCRIPTS.all.prepare_invoke();
+    for keys in locks {
+        inv.key(&keys.lock);
+    }
+    for keys in locks {
+        inv.key(&keys.fence);
+    }
+    if let Some(register) = register {
+        inv.key(register);
+    }
+    inv.arg(token)
+        .arg(millis(expiry))
+        .arg(FENCE_TTL_MS)
+        .arg(locks.len())
+        .arg(if register.is_some() { "1" } else { "0" });
+    inv
+}
+
+/// Reads an `ACQUIRE_ALL` reply.
+pub(super) fn parse_all(locks: &[Keys], reply: &[Value]) -> Result<AttemptAll> {
+    let bad = || Error::Redis {
+        source: format!("unexpected acquire reply: {reply:?}").into(),
+    };
+    let int = |i: usize| -> Option<i64> {
+        reply
+            .get(i)
+            .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+    };
+    let text = |i: usize| -> Option<String> {
+        reply
+            .get(i)
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+    };
+    // Lua's indexes count from 1.
+    let index = |i: usize| -> Result<usize> {
+        int(i)
+            .and_then(|n| usize::try_from(n).ok())
+            .and_then(|n| n.checked_sub(1))
+            .filter(|n| *n < locks.len())
+            .ok_or_else(bad)
+    };
+    match int(0).ok_or_else(bad)? {
+        1 => {
+            let fences = (0..locks.len())
+                .map(|i| text(i + 2).and_then(|t| t.parse().ok()).ok_or_else(bad))
+                .collect::<Result<Vec<u64>>>()?;
+            Ok(AttemptAll::Acquired { fences })
+        }
+        0 => {
+            let index = index(2)?;
+            let pttl: i64 = text(3).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+            Ok(AttemptAll::Held { index, ttl })
+        }
+        2 => {
+            let index = index(2)?;
+            Err(Error::WrongType {
+                key: crate::error::shorten(&locks[index].name),
+                found: text(1).ok_or_else(bad)?,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// Reads an inspection reply (see `INSPECT`).
 pub(super) fn parse_snapshot(reply: &[Value]) -> Result<Snapshot> {
     let bad = || Error::Redis {
@@ -554,8 +694,10 @@ mod tests {
         // No `..`: a new script is a compile error here until it is listed.
         let Scripts {
             exclusive,
+            all,
             shared,
             release,
+            release_all,
             extend_many,
             count,
             fence_floor,
@@ -566,8 +708,10 @@ mod tests {
         } = &*SCRIPTS;
         for (name, script) in [
             ("exclusive", exclusive),
+            ("all", all),
             ("shared", shared),
             ("release", release),
+            ("release_all", release_all),
             ("extend_many", extend_many),
             ("count", count),
             ("fence_floor", fence_floor),
