@@ -13,6 +13,7 @@ use crate::template::Template;
 
 mod kw {
     syn::custom_keyword!(key);
+    syn::custom_keyword!(keys);
     syn::custom_keyword!(timeout);
     syn::custom_keyword!(on_busy);
     syn::custom_keyword!(at_least);
@@ -24,7 +25,7 @@ mod kw {
 
 /// Every option, in the order the docs give them.
 const OPTIONS: &str =
-    "`key`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `semaphore`, `locker`, `crate`";
+    "`key`, `keys`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `semaphore`, `locker`, `crate`";
 
 /// The core's check of a hold bound (`at_most`, `at_least`), as
 /// `distlock`'s `check_hold`: `at_least` may be zero, `at_most` may not.
@@ -40,8 +41,11 @@ fn hold_limit(name: &'static str) -> impl Fn(Duration) -> Option<String> {
 
 /// The parsed arguments of `#[distributed_lock(...)]`.
 pub(crate) struct Args {
-    /// The template and the literal it came from (for spans).
-    pub(crate) key: (Template, LitStr),
+    /// Each key's template and the literal it came from (for spans): one
+    /// with `key`, one or more with `keys`.
+    pub(crate) keys: Vec<(Template, LitStr)>,
+    /// `keys = [...]`: every key at once (`Locker::lock_many`).
+    pub(crate) many: bool,
     pub(crate) timeout: Option<Duration>,
     pub(crate) on_busy: OnBusy,
     pub(crate) at_least: Option<Duration>,
@@ -66,6 +70,8 @@ pub(crate) enum OnBusy {
 struct Builder {
     key: Option<(Template, LitStr)>,
     /// With the span of the option's name.
+    keys: Option<(Vec<(Template, LitStr)>, Span)>,
+    /// With the span of the option's name.
     timeout: Option<(Duration, Span)>,
     on_busy: Option<OnBusy>,
     at_least: Option<Duration>,
@@ -73,7 +79,8 @@ struct Builder {
     expiry: Option<Duration>,
     locker: Option<Expr>,
     krate: Option<Path>,
-    semaphore: Option<u32>,
+    /// With the span of the option's name.
+    semaphore: Option<(u32, Span)>,
 }
 
 impl Parse for Args {
@@ -84,10 +91,13 @@ impl Parse for Args {
             if lookahead.peek(kw::key) {
                 let name = input.parse::<kw::key>()?;
                 let lit = value::<LitStr>(input, "key", "\"invoice:{invoice.id}\"")?;
-                let template = Template::parse(&lit.value())
-                    .and_then(|t| t.check_literal_text().map(|()| t))
-                    .map_err(|e| syn::Error::new(lit.span(), e))?;
+                let template = template(&lit)?;
                 set(&mut b.key, (template, lit), name.span, "key")?;
+            } else if lookahead.peek(kw::keys) {
+                let name = input.parse::<kw::keys>()?;
+                input.parse::<Token![=]>()?;
+                let list = key_list(input)?;
+                set(&mut b.keys, (list, name.span), name.span, "keys")?;
             } else if lookahead.peek(kw::timeout) {
                 let name = input.parse::<kw::timeout>()?;
                 let d = duration(input, "timeout", |_| None)?;
@@ -155,7 +165,12 @@ impl Parse for Args {
                             "`semaphore` is the number of permits: a whole number from 1 to 4294967295",
                         )
                     })?;
-                set(&mut b.semaphore, permits, name.span, "semaphore")?;
+                set(
+                    &mut b.semaphore,
+                    (permits, name.span),
+                    name.span,
+                    "semaphore",
+                )?;
             } else if input.peek(Ident::peek_any) {
                 let name = input.call(Ident::parse_any)?;
                 return Err(syn::Error::new(
@@ -176,12 +191,30 @@ impl Parse for Args {
 
 impl Builder {
     fn build(self) -> syn::Result<Args> {
-        let key = self.key.ok_or_else(|| {
-            syn::Error::new(
-                Span::call_site(),
-                "missing `key`: name the lock, like `#[distributed_lock(key = \"invoice:{invoice.id}\")]`",
-            )
-        })?;
+        let (keys, many) = match (self.key, self.keys) {
+            (Some(_), Some((_, span))) => {
+                return Err(syn::Error::new(
+                    span,
+                    "`key` and `keys` cannot be combined: list every key in `keys`",
+                ))
+            }
+            (Some(key), None) => (vec![key], false),
+            (None, Some((keys, _))) => {
+                if let Some((_, span)) = self.semaphore {
+                    return Err(syn::Error::new(
+                        span,
+                        "`semaphore` applies to one `key`: `keys` takes mutexes on every key",
+                    ));
+                }
+                (keys, true)
+            }
+            (None, None) => {
+                return Err(syn::Error::new(
+                    Span::call_site(),
+                    "missing `key`: name the lock, like `#[distributed_lock(key = \"invoice:{invoice.id}\")]` (or several, like `keys = [\"account:{from}\", \"account:{to}\"]`)",
+                ))
+            }
+        };
         let on_busy = self.on_busy.unwrap_or(OnBusy::Wait);
         if let (Some((_, span)), OnBusy::Skip | OnBusy::Reject) = (self.timeout, on_busy) {
             return Err(syn::Error::new(
@@ -190,7 +223,8 @@ impl Builder {
             ));
         }
         Ok(Args {
-            key,
+            keys,
+            many,
             timeout: self.timeout.map(|(d, _)| d),
             on_busy,
             at_least: self.at_least,
@@ -198,9 +232,52 @@ impl Builder {
             expiry: self.expiry,
             locker: self.locker,
             krate: self.krate,
-            semaphore: self.semaphore,
+            semaphore: self.semaphore.map(|(n, _)| n),
         })
     }
+}
+
+/// A key template, checked, with errors at the literal.
+fn template(lit: &LitStr) -> syn::Result<Template> {
+    Template::parse(&lit.value())
+        .and_then(|t| t.check_literal_text().map(|()| t))
+        .map_err(|e| syn::Error::new(lit.span(), e))
+}
+
+/// `["account:{from}", "account:{to}"]`: at least one key template, each a
+/// string literal checked as `key`'s.
+fn key_list(input: ParseStream<'_>) -> syn::Result<Vec<(Template, LitStr)>> {
+    let example = "`keys = [\"account:{from}\", \"account:{to}\"]`";
+    if !input.peek(syn::token::Bracket) {
+        return Err(syn::Error::new(
+            input.span(),
+            format!("`keys` expects a list of string literals, like {example}"),
+        ));
+    }
+    let content;
+    let brackets = syn::bracketed!(content in input);
+    let mut keys = Vec::new();
+    while !content.is_empty() {
+        let fork = content.fork();
+        let lit = content.parse::<LitStr>().map_err(|_| {
+            syn::Error::new(
+                fork.span(),
+                format!("each of `keys` must be a string literal, like {example}"),
+            )
+        })?;
+        keys.push((template(&lit)?, lit));
+        if content.is_empty() {
+            break;
+        }
+        content.parse::<Token![,]>()?;
+    }
+    if keys.is_empty() {
+        return Err(syn::Error::new(
+            brackets.span.join(),
+            format!("`keys` needs at least one key, like {example}"),
+        ));
+    }
+    Ok(keys)
 }
 
 /// Stores an option, refusing a second occurrence at its name.

@@ -13,7 +13,7 @@ use syn::{
 };
 
 use crate::attr::{Args, OnBusy};
-use crate::template::{Field, Piece, Placeholder};
+use crate::template::{Field, Piece, Placeholder, Template};
 
 /// The entry point: the expanded function, or the original item followed by
 /// the errors, so editors keep seeing the function.
@@ -187,9 +187,29 @@ fn expand(
         Some(path) => path.to_token_stream(),
         None => quote_spanned!(ret.span()=> ::distlock),
     };
-    let key = key(args, sig)?;
-    // The template as written names the lock in metrics: few series, one per function.
-    let name = &args.key.1;
+    let keys = args
+        .keys
+        .iter()
+        .map(|k| key(k, sig))
+        .collect::<syn::Result<Vec<_>>>()?;
+    // The template as written names the lock in metrics: few series, one per
+    // function (the templates joined, for several keys).
+    let name = match args.keys.as_slice() {
+        [(_, lit)] => lit.clone(),
+        many => {
+            let joined: Vec<String> = many.iter().map(|(_, lit)| lit.value()).collect();
+            let span = many
+                .first()
+                .map_or_else(Span::call_site, |(_, lit)| lit.span());
+            syn::LitStr::new(&joined.join(", "), span)
+        }
+    };
+    let (key, many) = if args.many {
+        let joined = quote!(::std::string::String::new());
+        (joined, quote!(::std::vec![#(#keys),*]))
+    } else {
+        (quote!(#(#keys)*), quote!(::std::vec::Vec::new()))
+    };
     let locker = match &args.locker {
         Some(expr) => quote_spanned! {expr.span()=>
             #krate::__private::locker(&(#expr))
@@ -232,7 +252,7 @@ fn expand(
     let call = |body: TokenStream| {
         quote_spanned! {ret.span()=>
             #krate::__private::#run(
-                #krate::__private::Call { locker: #locker, key: #key, name: #name, permits: #permits, policy: #policy },
+                #krate::__private::Call { locker: #locker, key: #key, keys: #many, name: #name, permits: #permits, policy: #policy },
                 async move { #fake_return #body },
             ).await
         }
@@ -301,8 +321,7 @@ fn policy(args: &Args, krate: &TokenStream) -> TokenStream {
 
 /// The key expression: the literal as a `String`, or a `format!` of the
 /// placeholders, each checked against the names the parameters bind.
-fn key(args: &Args, sig: &Signature) -> syn::Result<TokenStream> {
-    let (template, lit) = &args.key;
+fn key((template, lit): &(Template, syn::LitStr), sig: &Signature) -> syn::Result<TokenStream> {
     let span = lit.span();
     let bound = bound_names(sig);
     let mut values = Vec::new();

@@ -64,7 +64,8 @@ mod template;
 ///
 /// | option | default | meaning |
 /// |---|---|---|
-/// | `key = "..."` | required | The lock's name, a template over the parameters (below). |
+/// | `key = "..."` | required (or `keys`) | The lock's name, a template over the parameters (below). |
+/// | `keys = ["...", "..."]` | none | Instead of `key`: several mutexes, taken all at once or not at all (`Locker::lock_many`), for a transfer between two accounts: `keys = ["account:{from}", "account:{to}"]`. Each is a template as `key` is; the order does not matter (they are taken in sorted order, so opposite transfers never deadlock). Not with `semaphore`. |
 /// | `timeout = "5s"` | none: wait until acquired | How long to wait for the lock; then the call returns `Err(Error::Timeout)` converted into the function's error type. `"0s"` makes one attempt. Without a timeout the call waits as long as it takes (only a backend error or a closed locker ends the wait), so handlers should set one. With `on_busy = "wait"` only (a compile error otherwise). |
 /// | `on_busy = "wait"` | `"wait"` | When the lock is held: `"wait"` (up to `timeout`); `"skip"`: do not run the body and return `Ok(Default::default())` (job deduplication, below); `"reject"`: return `Err(Error::Busy)` at once. |
 /// | `at_least = "1m"` | none | Keep the lock this long after it was acquired, even if the body ends sooner (ShedLock's `lockAtLeastFor`): replicas firing the same job late keep skipping. The key then expires by itself. |

@@ -83,8 +83,10 @@ pub fn locker<L: AsLocker + ?Sized>(locker: &L) -> Result<Locker> {
 pub struct Call {
     /// `locker = ...`, checked, or the default locker.
     pub locker: Result<Locker>,
-    /// The key.
+    /// The key (`key = ...`).
     pub key: String,
+    /// The keys (`keys = [...]`): every one at once; empty with `key`.
+    pub keys: Vec<String>,
     /// The key template as written: the lock's metrics name.
     pub name: &'static str,
     /// `semaphore = N`.
@@ -113,16 +115,37 @@ impl Call {
             Ok(locker) => locker,
             Err(e) => return R::lock_error(e),
         };
-        let lock = match self.permits {
-            Some(n) => locker.semaphore(self.key, n).into_lock(),
-            None => locker.lock(self.key),
-        }
-        .name(self.name);
-        match lock.run(&self.policy, work).await {
+        let (ran, label) = if self.keys.is_empty() {
+            let lock = match self.permits {
+                Some(n) => locker.semaphore(self.key, n).into_lock(),
+                None => locker.lock(self.key),
+            }
+            .name(self.name);
+            (lock.run(&self.policy, work).await, Label::One(lock))
+        } else {
+            let lock = locker.lock_many(self.keys).name(self.name);
+            (lock.run(&self.policy, work).await, Label::Many(lock))
+        };
+        match ran {
             Ok(Some(output)) => output,
-            // `Lock::run` skips only with `OnBusy::Skip`.
-            Ok(None) => skipped(Error::busy(lock.key())),
+            // `run` skips only with `OnBusy::Skip`.
+            Ok(None) => skipped(Error::busy(&label.key())),
             Err(e) => R::lock_error(e),
+        }
+    }
+}
+
+/// What a skipped call names in its error.
+enum Label {
+    One(crate::Lock),
+    Many(crate::MultiLock),
+}
+
+impl Label {
+    fn key(&self) -> String {
+        match self {
+            Label::One(lock) => lock.key().to_owned(),
+            Label::Many(lock) => lock.keys().join(", "),
         }
     }
 }

@@ -135,6 +135,66 @@ async fn different_keys_run_in_parallel() {
     y.unwrap();
 }
 
+// ---------------------------------------------------------------------------
+// Several keys: a transfer holds both accounts
+
+#[distributed_lock(keys = ["account:{from}", "account:{to}"], locker = locker, timeout = "10s")]
+async fn transfer(
+    locker: &Locker,
+    from: u64,
+    to: u64,
+    trace: &Trace,
+) -> Result<(u64, u64), AppError> {
+    trace
+        .visit(&format!("{from}->{to}"), Duration::from_millis(30))
+        .await;
+    Ok((from, to))
+}
+
+#[tokio::test]
+async fn keys_hold_every_account_of_a_transfer_and_opposite_transfers_do_not_deadlock() {
+    let server = RedisServer::start().await;
+    let (a, b) = (connect(&server).await, connect(&server).await);
+    let trace = Trace::default();
+    // 1 -> 2 and 2 -> 1 in opposite key orders, and a debit of account 2 alone.
+    let both = async {
+        tokio::join!(
+            transfer(&a, 1, 2, &trace),
+            transfer(&b, 2, 1, &trace),
+            transfer(&a, 2, 1, &trace),
+            debit(&b, 2, "debit", &trace),
+        )
+    };
+    let (x, y, z, w) = timeout(Duration::from_secs(20), both)
+        .await
+        .expect("a deadlock between opposite transfers");
+    assert_eq!(
+        (x.unwrap(), y.unwrap(), z.unwrap()),
+        ((1, 2), (2, 1), (2, 1))
+    );
+    assert_eq!(w.unwrap(), 2);
+    assert_eq!(trace.max_inside(), 1, "{:?}", trace.events);
+
+    // While one account is held elsewhere, the transfer waits and times out
+    // into the function's error type, holding nothing.
+    let held = b.lock("account:9").acquire().await.unwrap();
+    let started = Instant::now();
+    let out = transfer_quick(&a, 8, 9).await;
+    assert!(
+        matches!(out, Err(AppError::Lock(distlock::Error::Timeout { .. }))),
+        "{out:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(b.lock("account:8").try_acquire().await.unwrap().is_some());
+    held.release().await.unwrap();
+}
+
+#[distributed_lock(keys = ["account:{from}", "account:{to}"], locker = locker, timeout = "200ms")]
+async fn transfer_quick(locker: &Locker, from: u64, to: u64) -> Result<(), AppError> {
+    let _ = (from, to);
+    Ok(())
+}
+
 #[distributed_lock(key = "encoder:{pool}", locker = locker, semaphore = 2)]
 async fn encode(locker: &Locker, pool: u64, who: &str, trace: &Trace) -> Result<(), AppError> {
     trace.visit(who, Duration::from_millis(100)).await;
