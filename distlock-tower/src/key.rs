@@ -5,7 +5,8 @@
 //! locking. Requests that get the same key run one at a time, across every
 //! process that shares the Redis; requests with different keys run in parallel.
 //!
-//! Any `Fn(&Request) -> Option<String>` is a key extractor. For HTTP requests
+//! Any `Fn(&Request) -> Option<String>` is a key extractor; [`many`] makes
+//! one that holds several keys at once (both accounts of a transfer). For HTTP requests
 //! (feature `http`) this module also has:
 //!
 //! | extractor | key |
@@ -52,6 +53,66 @@
 pub trait MakeKey<Request> {
     /// The key for `request`, or `None` to skip locking.
     fn make_key(&self, request: &Request) -> Option<String>;
+
+    /// Every key `request` must hold at once (a transfer holds both
+    /// accounts), or `None` to skip locking: what the layer calls. By default
+    /// the one key of [`make_key`](MakeKey::make_key); [`many`] returns
+    /// several. With several, the layer takes them all or none
+    /// ([`distlock::Locker::lock_many`]); an empty list is refused as a
+    /// configuration error, never let through unlocked.
+    fn make_keys(&self, request: &Request) -> Option<Vec<String>> {
+        self.make_key(request).map(|key| vec![key])
+    }
+}
+
+/// Keys each request by several keys at once, all held while it is handled:
+/// `f` returns them (in any order), or `None` to let the request through
+/// unlocked. See [`Many`].
+///
+/// ```
+/// use distlock_tower::{key, LockLayer};
+///
+/// struct Transfer {
+///     from: u64,
+///     to: u64,
+/// }
+///
+/// let locker = distlock::Locker::memory();
+/// let layer = LockLayer::new(
+///     locker,
+///     key::many(|t: &Transfer| Some(vec![format!("account:{}", t.from), format!("account:{}", t.to)])),
+/// );
+/// # let _ = layer;
+/// ```
+pub fn many<F>(f: F) -> Many<F> {
+    Many { f }
+}
+
+/// A key extractor that returns several keys; made by [`many`].
+#[derive(Clone)]
+pub struct Many<F> {
+    f: F,
+}
+
+impl<F> std::fmt::Debug for Many<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Many").finish_non_exhaustive()
+    }
+}
+
+impl<F, Request> MakeKey<Request> for Many<F>
+where
+    F: Fn(&Request) -> Option<Vec<String>>,
+{
+    /// The first of the keys in sorted order (the layer calls
+    /// [`make_keys`](MakeKey::make_keys), which returns them all).
+    fn make_key(&self, request: &Request) -> Option<String> {
+        self.make_keys(request)?.into_iter().min()
+    }
+
+    fn make_keys(&self, request: &Request) -> Option<Vec<String>> {
+        (self.f)(request)
+    }
 }
 
 impl<F, Request> MakeKey<Request> for F

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use distlock::{Lock, OnBusy, Policy};
+use distlock::{Lock, MultiLock, OnBusy, Policy};
 use tower_service::Service;
 
 use crate::future::{BoxFuture, ResponseFuture};
@@ -56,15 +56,31 @@ impl<S, K, M> LockService<S, K, M> {
     }
 
     /// The lock for `request`, or `None` to let it through.
-    pub(crate) fn lock_for<Req>(&self, request: &Req) -> Option<Lock>
+    pub(crate) fn lock_for<Req>(&self, request: &Req) -> Option<Target>
     where
         K: MakeKey<Req>,
     {
-        let key = self.layer.make_key.make_key(request)?;
-        let lock = self.layer.locker.lock(key);
-        Some(match &self.layer.name {
-            Some(name) => lock.name(Arc::clone(name)),
-            None => lock,
+        let mut keys = self.layer.make_key.make_keys(request)?;
+        let locker = &self.layer.locker;
+        let name = self.layer.name.as_ref();
+        Some(match (keys.pop(), keys.is_empty()) {
+            (Some(key), true) => {
+                let lock = locker.lock(key);
+                Target::One(match name {
+                    Some(n) => lock.name(Arc::clone(n)),
+                    None => lock,
+                })
+            }
+            // Several keys (or none, which the run refuses as a bad
+            // configuration rather than let the request through unlocked).
+            (last, _) => {
+                keys.extend(last);
+                let lock = locker.lock_many(keys);
+                Target::Many(match name {
+                    Some(n) => lock.name(Arc::clone(n)),
+                    None => lock,
+                })
+            }
         })
     }
 
@@ -82,6 +98,64 @@ impl<S, K, M> LockService<S, K, M> {
     {
         let clone = self.inner.clone();
         std::mem::replace(&mut self.inner, clone)
+    }
+}
+
+/// What a request locks: one key, or several taken together
+/// ([`MakeKey::make_keys`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    One(Lock),
+    Many(MultiLock),
+}
+
+impl Target {
+    /// The key whose lease [`distlock::current`] reports while the work runs
+    /// (the last in sorted order, for several).
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            Target::One(lock) => lock.key(),
+            Target::Many(lock) => lock.keys().last().map_or("", String::as_str),
+        }
+    }
+
+    /// Runs `work` holding the lock(s); see [`Lock::run`].
+    pub(crate) fn run<F: Future>(
+        &self,
+        policy: &Policy,
+        work: F,
+    ) -> Either<
+        impl Future<Output = Result<Option<F::Output>, distlock::Error>> + use<F>,
+        impl Future<Output = Result<Option<F::Output>, distlock::Error>> + use<F>,
+    > {
+        match self {
+            Target::One(lock) => Either::Left {
+                f: lock.run(policy, work),
+            },
+            Target::Many(lock) => Either::Right {
+                f: lock.run(policy, work),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One of two futures with the same output.
+    #[project = EitherProj]
+    pub(crate) enum Either<A, B> {
+        Left { #[pin] f: A },
+        Right { #[pin] f: B },
+    }
+}
+
+impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
+    type Output = A::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
+        match self.project() {
+            EitherProj::Left { f } => f.poll(cx),
+            EitherProj::Right { f } => f.poll(cx),
+        }
     }
 }
 
@@ -131,7 +205,7 @@ where
     }
 }
 
-/// Acquires `lock` under `policy` and, holding it, hands the lease to `request`
+/// Acquires `lock` (one key or several) under `policy` and, holding it, hands the lease to `request`
 /// and calls `inner` (which must be ready). The lock is released when the inner
 /// future completes; if the lease is lost first, the inner future is dropped and
 /// the result is [`distlock::Error::Lost`].
@@ -139,7 +213,7 @@ where
 /// Dropped after the inner future completed (during the release), the release
 /// goes on in a task: see [`Runner`].
 pub(crate) async fn run<S, Req>(
-    lock: Lock,
+    lock: Target,
     policy: Policy,
     inner: S,
     request: Req,
@@ -253,8 +327,11 @@ where
 
 /// What a request gets when the runner skipped it ([`distlock::OnBusy::Skip`]):
 /// there is no response to skip to, so it is refused as busy.
-pub(crate) fn busy(lock: &Lock) -> distlock::Error {
-    distlock::Error::busy(lock.key())
+pub(crate) fn busy(lock: &Target) -> distlock::Error {
+    match lock {
+        Target::One(lock) => distlock::Error::busy(lock.key()),
+        Target::Many(lock) => distlock::Error::busy(&lock.keys().join(", ")),
+    }
 }
 
 impl<S: Clone, K: Clone, M: Clone> Clone for LockService<S, K, M> {

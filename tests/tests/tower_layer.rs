@@ -18,7 +18,7 @@ use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_test::mock;
 
 mod tower_common;
-use tower_common::{eventually, eventually_free, within, Backend};
+use tower_common::{eventually, eventually_free, is_held, within, Backend};
 
 on_both_backends! {
     second_same_key_request_waits_until_the_first_completes,
@@ -38,6 +38,8 @@ on_both_backends! {
     at_most_cancels_a_request_that_holds_the_lock_too_long,
     the_handler_sees_its_lease_in_the_request_and_through_current,
     a_dropped_response_future_gives_its_place_and_the_lock_back,
+    several_keys_are_held_together_and_exclude_every_overlapping_request,
+    a_request_waiting_for_several_keys_runs_once_all_are_released,
 }
 
 /// A request of a type of our own: the layer is not tied to HTTP.
@@ -549,4 +551,95 @@ async fn a_dropped_response_future_gives_its_place_and_the_lock_back(backend: Ba
         "third"
     );
     waiting_on(&locker, 0).await;
+}
+
+/// A transfer's keys: both accounts (`Req::id` is the source, `Req::key` the
+/// destination).
+fn both_accounts(r: &Req) -> Option<Vec<String>> {
+    let to = r.key?;
+    Some(vec![format!("account:{}", r.id), format!("account:{to}")])
+}
+
+type KeysFn = fn(&Req) -> Option<Vec<String>>;
+
+fn transfers(locker: &Locker) -> LockLayer<distlock_tower::key::Many<KeysFn>> {
+    LockLayer::new(
+        locker.clone(),
+        distlock_tower::key::many(both_accounts as KeysFn),
+    )
+}
+
+async fn several_keys_are_held_together_and_exclude_every_overlapping_request(backend: Backend) {
+    let locker = backend.locker().await;
+    let layer = transfers(&locker).policy(Policy::new().on_busy(OnBusy::Reject));
+    let (mut svc, mut handle) = mock::spawn_layer::<Req, &'static str, _>(layer);
+
+    // 1 -> 2 holds both accounts while the handler runs.
+    assert_ready_ok!(svc.poll_ready());
+    let first = tokio::spawn(svc.call(req("2", 1)));
+    let (seen, respond_first) = next_request(&mut handle).await;
+    assert_eq!(seen.id, 1);
+    // The lease it sees is the last key's, in sorted order.
+    assert_eq!(seen.lease.expect("its lease").key(), "account:2");
+    assert!(is_held(&locker, "account:1").await);
+    assert!(is_held(&locker, "account:2").await);
+
+    // 3 -> 2 and 2 -> 1 (either order) share an account: refused, holding nothing.
+    for (to, from) in [("2", 3), ("1", 2)] {
+        assert_ready_ok!(svc.poll_ready());
+        let err = within("the rejection", svc.call(req(to, from)))
+            .await
+            .unwrap_err();
+        assert!(lock_error(&err).is_busy(), "{err}");
+    }
+    assert!(
+        !is_held(&locker, "account:3").await,
+        "a refused transfer kept account:3"
+    );
+    assert!(
+        handle.poll_request().is_pending(),
+        "an overlapping transfer ran"
+    );
+
+    // 3 -> 4 shares nothing: it runs alongside.
+    assert_ready_ok!(svc.poll_ready());
+    let other = tokio::spawn(svc.call(req("4", 3)));
+    let (seen, respond_other) = next_request(&mut handle).await;
+    assert_eq!(seen.id, 3);
+    respond_other.send_response("3->4");
+    assert_eq!(within("3->4", other).await.unwrap().unwrap(), "3->4");
+
+    respond_first.send_response("1->2");
+    assert_eq!(within("1->2", first).await.unwrap().unwrap(), "1->2");
+    eventually_free(&locker, "account:1").await;
+    eventually_free(&locker, "account:2").await;
+}
+
+async fn a_request_waiting_for_several_keys_runs_once_all_are_released(backend: Backend) {
+    let locker = backend.locker().await;
+    let layer = transfers(&locker).policy(Policy::new().timeout(Duration::from_secs(10)));
+    let (mut svc, mut handle) = mock::spawn_layer::<Req, &'static str, _>(layer);
+    let outside = locker.lock("account:6").acquire().await.unwrap();
+
+    assert_ready_ok!(svc.poll_ready());
+    let waiting = tokio::spawn(svc.call(req("6", 5)));
+    // While it waits, it holds neither account: account:5 can be taken and
+    // given back (again and again) by others.
+    for _ in 0..3 {
+        let guard = within("account:5", locker.lock("account:5").acquire())
+            .await
+            .unwrap();
+        guard.release().await.unwrap();
+    }
+    assert!(
+        handle.poll_request().is_pending(),
+        "ran while account:6 was held"
+    );
+    outside.release().await.unwrap();
+    let (seen, respond) = next_request(&mut handle).await;
+    assert_eq!(seen.id, 5);
+    assert!(is_held(&locker, "account:5").await);
+    assert!(is_held(&locker, "account:6").await);
+    respond.send_response("5->6");
+    assert_eq!(within("5->6", waiting).await.unwrap().unwrap(), "5->6");
 }

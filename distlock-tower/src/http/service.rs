@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use distlock::{Lock, Policy};
+use distlock::Policy;
 use http::{Request, Response};
 use tokio::sync::oneshot;
 use tower_service::Service;
@@ -17,7 +17,7 @@ use super::body::{Hold, LockBody};
 use super::future::ResponseFuture;
 use super::layer::AsResponse;
 use crate::key::MakeKey;
-use crate::service::{busy, call_with_lease, run, LockService, Runner};
+use crate::service::{busy, call_with_lease, run, LockService, Runner, Target};
 
 impl<S, K, F, ReqBody, ResBody> Service<Request<ReqBody>> for LockService<S, K, AsResponse<F>>
 where
@@ -78,7 +78,7 @@ enum Step<T> {
 /// completes, until the response body has been sent: the response leaves
 /// through a channel, and the runner moves into the body.
 async fn run_until_body_sent<S, ReqBody, ResBody, F>(
-    lock: Lock,
+    lock: Target,
     policy: Policy,
     inner: S,
     request: Request<ReqBody>,
