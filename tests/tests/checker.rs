@@ -104,6 +104,44 @@ fn no_guarantee_breaks_in_randomized_configurations_through_faults() {
 }
 
 #[test]
+fn sets_of_keys_keep_every_guarantee_through_faults() {
+    // Round 0 on one server (one script for the set), round 1 on Redlock
+    // (the keys one by one), mixed with single-key acquisitions.
+    let (ok, s) = run_checker(
+        &[
+            "--duration",
+            "20s",
+            "--round",
+            "10s",
+            "--max-expiry",
+            "800ms",
+            "--primitive",
+            "multi",
+            "--rotate",
+        ],
+        Duration::from_secs(45),
+    );
+    let seed = &s["seed"];
+    assert_eq!(
+        s["violations_total"], 0,
+        "seed {seed}: violations {}, keys left {}, stranded leases {}; failed rounds: {}",
+        s["violations"], s["leftover_keys"], s["stranded_leases"], s["failed_rounds"]
+    );
+    assert_eq!(s["leftover_keys"], 0, "seed {seed}: keys left after close");
+    assert!(
+        ok,
+        "seed {seed}: the checker failed: {}",
+        s["worker_failures"]
+    );
+    assert_eq!(s["rounds_by_primitive"]["multi"], 2, "seed {seed}");
+    assert!(
+        s["acquisitions_by_access"]["mutex"].as_u64().unwrap_or(0) >= 20,
+        "seed {seed}: {}",
+        s["acquisitions_by_access"]
+    );
+}
+
+#[test]
 fn the_checker_catches_workers_that_ignore_the_lost_signal() {
     let (ok, s) = run_checker(
         &[

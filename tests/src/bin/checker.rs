@@ -26,7 +26,7 @@
 //!
 //! ```text
 //! checker [--duration 60s] [--round 30s] [--seed N] [--max-expiry 2s]
-//!         [--primitive any|mutex|semaphore|rwlock] [--topology any|single|redlock3|redlock5]
+//!         [--primitive any|mutex|semaphore|rwlock|multi] [--topology any|single|redlock3|redlock5]
 //!         [--rotate] [--workers N] [--faults all|none|KIND,...] [--sabotage]
 //!         [--records FILE] [--dry-run]
 //! ```
@@ -37,6 +37,9 @@
 //!   server, mutex on Redlock, reader-writer lock anywhere), for short runs
 //!   that must cover every primitive: the three rounds run even if set-up
 //!   and checks make the run longer than `--duration`.
+//! - `--primitive multi` runs mutexes of which half are taken several keys at
+//!   once (`Locker::lock_many`, two or three keys in any order, against the
+//!   single-key acquisitions of the other half); never drawn at random.
 //! - `--faults` picks the kinds of fault: `kill-restart-empty`,
 //!   `pause-beyond-expiry`, `pause-within-slack`, `blackhole`,
 //!   `reset-connections`, `latency-spike` (default: all).
@@ -57,7 +60,7 @@ use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use distlock::{Error, LockGuard, Locker};
+use distlock::{Error, LockGuard, Locker, Lost, MultiGuard};
 use distlock_tests::checker::{
     analyze, find_stranded, monotonic_ns, Access, Analysis, Held, Release, Section, Stranded,
     ViolationKind,
@@ -87,6 +90,8 @@ enum Primitive {
     Mutex,
     Semaphore,
     Rwlock,
+    /// Mutexes, half of them taken several keys at once (`lock_many`).
+    Multi,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -153,6 +158,7 @@ impl Options {
                         "mutex" => Some(Primitive::Mutex),
                         "semaphore" => Some(Primitive::Semaphore),
                         "rwlock" => Some(Primitive::Rwlock),
+                        "multi" => Some(Primitive::Multi),
                         other => return Err(format!("unknown primitive `{other}`")),
                     }
                 }
@@ -344,7 +350,10 @@ impl RoundConfig {
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
             primitive,
             topology,
-            keys: rng.u32(1..=3),
+            // Sets of keys need keys to overlap on.
+            keys: rng
+                .u32(1..=3)
+                .max(if primitive == Primitive::Multi { 3 } else { 1 }),
             workers: plans,
         }
     }
@@ -386,7 +395,7 @@ impl RoundConfig {
                     w.op_timeout_ms,
                     w.tasks,
                     match self.primitive {
-                        Primitive::Mutex => String::new(),
+                        Primitive::Mutex | Primitive::Multi => String::new(),
                         Primitive::Semaphore => format!(", max {}", w.max),
                         Primitive::Rwlock => format!(", {}% reads", w.read_percent),
                     },
@@ -969,7 +978,7 @@ async fn sample(
                 let key = format!("key-{k}");
                 let base = format!("{PREFIX}{{{key}}}");
                 match primitive {
-                    Primitive::Mutex => {
+                    Primitive::Mutex | Primitive::Multi => {
                         pipe.cmd("GET").arg(&base);
                         names.push((key, false));
                     }
@@ -1593,22 +1602,23 @@ async fn run_tasks(locker: &Locker, shared: &Shared, until: u64) {
 /// A section being run: sent when finished, or, if the task is dropped
 /// while holding (its runtime shut down), when dropped.
 struct Open {
-    section: Option<Section>,
+    /// One per key held (several for `lock_many`).
+    sections: Vec<Section>,
     out: std::sync::mpsc::Sender<Section>,
 }
 
 impl Open {
     /// The work is over (or the lease was lost): the belief ends at `end`.
     fn ended(&mut self, end: u64, lost: Option<u64>, reason: Option<String>) {
-        if let Some(s) = self.section.as_mut() {
+        for s in &mut self.sections {
             s.end = end;
             s.lost = lost;
-            s.reason = reason;
+            s.reason.clone_from(&reason);
         }
     }
 
     fn finish(mut self, release: Release) {
-        if let Some(mut s) = self.section.take() {
+        for mut s in self.sections.drain(..) {
             s.release = release;
             let _ = self.out.send(s);
         }
@@ -1617,12 +1627,46 @@ impl Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if let Some(mut s) = self.section.take() {
+        for mut s in self.sections.drain(..) {
             if s.end == 0 {
                 s.end = monotonic_ns();
             }
             s.release = Release::Abandoned;
             let _ = self.out.send(s);
+        }
+    }
+}
+
+/// A guard of one key or of several.
+enum Guard {
+    One(LockGuard),
+    Many(MultiGuard),
+}
+
+impl Guard {
+    /// Each key held, with its fencing token.
+    fn fences(&self) -> Vec<(String, u64)> {
+        match self {
+            Guard::One(g) => vec![(g.key().to_owned(), g.fencing_token())],
+            Guard::Many(g) => g
+                .guards()
+                .iter()
+                .map(|g| (g.key().to_owned(), g.fencing_token()))
+                .collect(),
+        }
+    }
+
+    fn lost(&self) -> Lost {
+        match self {
+            Guard::One(g) => g.lost(),
+            Guard::Many(g) => g.lost(),
+        }
+    }
+
+    async fn release(self) -> Result<(), Error> {
+        match self {
+            Guard::One(g) => g.release().await,
+            Guard::Many(g) => g.release().await,
         }
     }
 }
@@ -1636,26 +1680,42 @@ async fn attempt(
     access: Access,
     key: &str,
     wait: Duration,
-) -> Result<Option<LockGuard>, Error> {
+) -> Result<Option<Guard>, Error> {
+    if o.primitive == Primitive::Multi && rng.bool() {
+        // This key and one or two others, in any order.
+        let mut keys = vec![key.to_owned()];
+        for _ in 0..rng.u32(1..=2) {
+            keys.push(format!("key-{}", rng.u32(..o.keys)));
+        }
+        let lock = locker.lock_many(keys);
+        let got = if rng.u32(..100) < o.plan.try_percent {
+            lock.try_acquire().await
+        } else {
+            lock.acquire_timeout(wait).await.map(Some)
+        };
+        return got.map(|g| g.map(Guard::Many));
+    }
     let lock = match access {
         Access::Mutex => locker.lock(key),
         Access::Semaphore => {
             let sem = locker.semaphore(key, o.plan.max);
             let try_it = rng.u32(..100) < o.plan.try_percent;
-            return if try_it {
+            let got = if try_it {
                 sem.try_acquire().await
             } else {
                 sem.acquire_timeout(wait).await.map(Some)
             };
+            return got.map(|g| g.map(Guard::One));
         }
         Access::Read => locker.rw_lock(key).reader(),
         Access::Write => locker.rw_lock(key).writer(),
     };
-    if rng.u32(..100) < o.plan.try_percent {
+    let got = if rng.u32(..100) < o.plan.try_percent {
         lock.try_acquire().await
     } else {
         lock.acquire_timeout(wait).await.map(Some)
-    }
+    };
+    got.map(|g| g.map(Guard::One))
 }
 
 /// One task: acquire a random key, hold it for a random time while watching
@@ -1672,7 +1732,7 @@ async fn contend(locker: Locker, shared: Shared, task: u32, until: u64) {
         }
         let key = format!("key-{}", rng.u32(..o.keys));
         let access = match o.primitive {
-            Primitive::Mutex => Access::Mutex,
+            Primitive::Mutex | Primitive::Multi => Access::Mutex,
             Primitive::Semaphore => Access::Semaphore,
             Primitive::Rwlock if rng.u32(..100) < o.plan.read_percent => Access::Read,
             Primitive::Rwlock => Access::Write,
@@ -1699,21 +1759,26 @@ async fn contend(locker: Locker, shared: Shared, task: u32, until: u64) {
             Ok(Some(guard)) => {
                 let acquired = monotonic_ns();
                 // Dropped before the guard if the task is dropped.
-                let mut open = Open {
-                    section: Some(Section {
+                let sections = guard
+                    .fences()
+                    .into_iter()
+                    .map(|(key, fence)| Section {
                         key,
                         worker: o.id,
                         task,
                         access,
                         max: (access == Access::Semaphore).then_some(o.plan.max),
-                        fence: guard.fencing_token(),
+                        fence,
                         requested,
                         acquired,
                         end: 0,
                         lost: None,
                         reason: None,
                         release: Release::Ok,
-                    }),
+                    })
+                    .collect();
+                let mut open = Open {
+                    sections,
                     out: shared.out.clone(),
                 };
                 let hold = match rng.u32(..100) {
