@@ -24,6 +24,7 @@ mod report;
 mod scale;
 mod throughput;
 mod tower;
+mod transfer;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -192,7 +193,7 @@ async fn run(cfg: Config) {
     );
 
     type Scenario = fn(&Env) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Row>> + '_>>;
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("P1", |e| Box::pin(throughput::p1(e))),
         ("P2", |e| Box::pin(throughput::p2(e))),
         ("P3", |e| Box::pin(latency::p3(e))),
@@ -201,6 +202,7 @@ async fn run(cfg: Config) {
         ("P6", |e| Box::pin(tower::p6(e))),
         ("P7", |e| Box::pin(scale::p7(e))),
         ("P8", |e| Box::pin(scale::p8(e))),
+        ("P9", |e| Box::pin(transfer::p9(e))),
     ];
     let mut rows = Vec::new();
     for (id, scenario) in scenarios {
