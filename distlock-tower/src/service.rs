@@ -124,10 +124,7 @@ impl Target {
         &self,
         policy: &Policy,
         work: F,
-    ) -> Either<
-        impl Future<Output = Result<Option<F::Output>, distlock::Error>> + use<F>,
-        impl Future<Output = Result<Option<F::Output>, distlock::Error>> + use<F>,
-    > {
+    ) -> impl Future<Output = Result<Option<F::Output>, distlock::Error>> + use<F> {
         match self {
             Target::One(lock) => Either::Left {
                 f: lock.run(policy, work),
