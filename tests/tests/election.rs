@@ -200,25 +200,42 @@ async fn check_lead_loss(fx: Fixture) {
 async fn check_lead_end(fx: Fixture) {
     let a = fx.locker().await;
     let b = fx.locker().await;
-    // The work completes: lead resigns and returns; b leads at once.
-    let waiting = tokio::spawn({
-        let e = election(&b);
+    // The work completes: lead resigns and returns; b leads at once. b
+    // campaigns only once a leads (a campaign of b's started first could win,
+    // and a would then wait for ever).
+    let (led_tx, led_rx) = tokio::sync::oneshot::channel::<()>();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let leading = tokio::spawn({
+        let e = election(&a);
+        let ran = Arc::clone(&ran);
+        let mut signals = Some((led_tx, finish_rx));
         async move {
-            // Let a campaign first.
-            tokio::task::yield_now().await;
-            e.campaign("b").await
+            e.lead("a", CancellationToken::new(), move |leader| {
+                let ran = Arc::clone(&ran);
+                let signals = signals.take();
+                async move {
+                    assert!(matches!(leader.value(), "a"));
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    if let Some((led, finish)) = signals {
+                        let _ = led.send(());
+                        let _ = finish.await;
+                    }
+                }
+            })
+            .await
         }
     });
-    let ran = Arc::new(AtomicUsize::new(0));
-    election(&a)
-        .lead("a", CancellationToken::new(), |leader| {
-            let ran = Arc::clone(&ran);
-            async move {
-                assert!(matches!(leader.value(), "a"));
-                ran.fetch_add(1, Ordering::SeqCst);
-            }
-        })
+    tokio::time::timeout(BOUND, led_rx).await.unwrap().unwrap();
+    let waiting = tokio::spawn({
+        let e = election(&b);
+        async move { e.campaign("b").await }
+    });
+    finish_tx.send(()).unwrap();
+    tokio::time::timeout(BOUND, leading)
         .await
+        .unwrap()
+        .unwrap()
         .unwrap();
     let b_leads = tokio::time::timeout(BOUND, waiting)
         .await
@@ -387,22 +404,6 @@ async fn three_processes_fail_over_through_a_kill_and_a_pause() {
     // Resumed, the deposed leader stops its work (the lost signal) and any
     // act it still makes is refused by the fence.
     kill(members[paused].pid(), Signal::SIGCONT).unwrap();
-    let t = Instant::now();
-    loop {
-        members[paused].drain();
-        if members[paused]
-            .log
-            .iter()
-            .any(|l| l.starts_with(&format!("stopped {}", second.term())))
-        {
-            break;
-        }
-        assert!(
-            t.elapsed() < BOUND,
-            "the paused leader's work is dropped after it resumes"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     // The third keeps leading and acting.
     let third_i = index_of(&third);
     let t = Instant::now();
@@ -415,6 +416,22 @@ async fn three_processes_fail_over_through_a_kill_and_a_pause() {
         members[third_i].drain();
         assert!(t.elapsed() < BOUND, "the third leader acts");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // If its work had started (it may have been paused before it began, and
+    // then `lead` never starts it for a lost term), it is dropped.
+    members[paused].drain();
+    let elected = format!("elected {} ", second.term());
+    let stopped = format!("stopped {} ", second.term());
+    if members[paused].log.iter().any(|l| l.starts_with(&elected)) {
+        let t = Instant::now();
+        while !members[paused].log.iter().any(|l| l.starts_with(&stopped)) {
+            assert!(
+                t.elapsed() < BOUND,
+                "the paused leader's work is dropped after it resumes"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            members[paused].drain();
+        }
     }
     assert_eq!(
         election.leader().await.unwrap().unwrap().term(),

@@ -61,10 +61,14 @@ async fn main() {
                 let term = leader.term();
                 say(&format!("elected {term} {}", monotonic_ns()));
                 let _stopped = Stopped(term);
-                let mut con = data
-                    .get_multiplexed_async_connection()
-                    .await
-                    .expect("data connection");
+                // A member paused (SIGSTOP) while connecting finds its
+                // connection attempt timed out when it resumes: try again.
+                let mut con = loop {
+                    match data.get_multiplexed_async_connection().await {
+                        Ok(con) => break con,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                };
                 loop {
                     let t0 = monotonic_ns();
                     let outcome = match acts.set(&mut con, term, &leader).await {
