@@ -274,26 +274,13 @@ impl Lock {
         let started = Instant::now();
         let result = match self.prepare() {
             Ok(keys) => {
-                let closed = self.locker.closed_token();
                 let wait = self.wait(&keys, started, deadline);
-                let bounded = async {
-                    match deadline {
-                        // The deadline also cuts a request in flight (a slow or
-                        // unreachable server), except the one attempt of a zero
-                        // timeout. `wait` is cancel safe.
-                        Some(d) if d > started => tokio::time::timeout_at(d, wait)
-                            .await
-                            .unwrap_or_else(|_| Err(self.timeout(started))),
-                        _ => wait.await,
-                    }
-                };
                 // No span here: the benchmark's P7 (100,000 concurrent
                 // acquisitions) fell behind on renewals with one (BENCHMARKS.md).
-                tokio::select! {
-                    biased;
-                    () = closed.cancelled() => Err(Error::Closed),
-                    r = bounded => r,
-                }
+                bounded(&self.locker, started, deadline, wait, || {
+                    self.timeout(started)
+                })
+                .await
             }
             Err(e) => Err(e),
         };
@@ -433,5 +420,31 @@ impl Lock {
             return Ok(Try::TooLate);
         }
         Ok(Try::Acquired(guard))
+    }
+}
+
+/// Runs `wait` (cancel safe) until `deadline`, which also cuts a request in
+/// flight (a slow or unreachable server) except the one attempt of a zero
+/// timeout, then fails with `timeout()`; or until the locker closes.
+pub(crate) async fn bounded<T>(
+    locker: &Locker,
+    started: Instant,
+    deadline: Option<Instant>,
+    wait: impl Future<Output = Result<T>>,
+    timeout: impl FnOnce() -> Error,
+) -> Result<T> {
+    let closed = locker.closed_token();
+    let bounded = async {
+        match deadline {
+            Some(d) if d > started => tokio::time::timeout_at(d, wait)
+                .await
+                .unwrap_or_else(|_| Err(timeout())),
+            _ => wait.await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = closed.cancelled() => Err(Error::Closed),
+        r = bounded => r,
     }
 }

@@ -248,24 +248,14 @@ impl MultiLock {
         crate::error::shorten(&self.keys.join(", "))
     }
 
-    async fn acquire_until(&self, deadline: Option<Instant>) -> Result<MultiGuard> {
+    pub(crate) async fn acquire_until(&self, deadline: Option<Instant>) -> Result<MultiGuard> {
         let started = Instant::now();
         let locks = self.prepare()?;
-        let closed = self.locker.closed_token();
         let wait = self.wait(&locks, started, deadline);
-        let bounded = async {
-            match deadline {
-                Some(d) if d > started => tokio::time::timeout_at(d, wait)
-                    .await
-                    .unwrap_or_else(|_| Err(self.timeout(started))),
-                _ => wait.await,
-            }
-        };
-        tokio::select! {
-            biased;
-            () = closed.cancelled() => Err(Error::Closed),
-            r = bounded => r,
-        }
+        crate::lock::bounded(&self.locker, started, deadline, wait, || {
+            self.timeout(started)
+        })
+        .await
     }
 
     fn timeout(&self, started: Instant) -> Error {
@@ -568,12 +558,7 @@ async fn run_many<F: Future>(
     let acquired = crate::run::acquire_by(
         &policy,
         &label,
-        |timeout| async move {
-            match timeout {
-                Some(t) => lock.acquire_timeout(t).await,
-                None => lock.acquire().await,
-            }
-        },
+        |deadline| lock.acquire_until(deadline),
         || lock.try_acquire(),
     )
     .await?;

@@ -196,12 +196,13 @@ pub(crate) fn with_policy<L>(
     Ok(lock)
 }
 
-/// Acquires as the policy says: `wait` (given the timeout) with
-/// [`OnBusy::Wait`], else one attempt (`try_once`). `Ok(None)`: skipped.
+/// Acquires as the policy says: `wait` until the timeout's deadline (none:
+/// until acquired) with [`OnBusy::Wait`], else one attempt (`try_once`).
+/// `Ok(None)`: skipped.
 pub(crate) async fn acquire_by<G, W, T>(
     policy: &Policy,
     key: &str,
-    wait: impl FnOnce(Option<Duration>) -> W,
+    wait: impl FnOnce(Option<Instant>) -> W,
     try_once: impl FnOnce() -> T,
 ) -> Result<Option<G>>
 where
@@ -209,7 +210,10 @@ where
     T: Future<Output = Result<Option<G>>>,
 {
     match policy.on_busy {
-        OnBusy::Wait => wait(policy.timeout).await.map(Some),
+        OnBusy::Wait => {
+            let deadline = policy.timeout.and_then(|t| Instant::now().checked_add(t));
+            wait(deadline).await.map(Some)
+        }
         OnBusy::Skip => try_once().await,
         OnBusy::Reject => match try_once().await? {
             Some(g) => Ok(Some(g)),
@@ -256,12 +260,7 @@ pub(crate) async fn run_locked<F: Future>(
     let acquired = acquire_by(
         &policy,
         this.key(),
-        |timeout| async move {
-            match timeout {
-                Some(t) => lock.acquire_timeout(t).await,
-                None => lock.acquire().await,
-            }
-        },
+        |deadline| lock.acquire_until(deadline),
         || lock.try_acquire(),
     )
     .await?;
