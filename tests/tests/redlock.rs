@@ -585,3 +585,23 @@ fn close_finishes_the_background_work_of_redlock_operations() {
         }
     });
 }
+
+/// Two URLs that reach one server are refused by name (the URLs as given,
+/// never the server's `run_id`): Redlock needs independent servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_urls_reaching_one_server_are_refused_naming_the_urls() {
+    let servers = RedisServer::start_many(2).await;
+    // The same server, spelled with its database.
+    let same = format!("{}/0", servers[0].url());
+    let urls = [servers[0].url(), same.clone(), servers[1].url()];
+    let err = Locker::builder()
+        .redlock(urls.iter().cloned())
+        .build()
+        .await
+        .expect_err("a server listed twice");
+    let text = err.to_string();
+    assert!(matches!(err, Error::Config { .. }), "{text}");
+    assert!(text.contains("reach the same Redis server"), "{text}");
+    assert!(text.contains(&same), "the second URL is named: {text}");
+    assert!(!text.contains("run_id"), "{text}");
+}
