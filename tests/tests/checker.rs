@@ -43,6 +43,24 @@ fn run_checker(args: &[&str], limit: Duration) -> (bool, serde_json::Value) {
     )
 }
 
+/// Safety: no overlap, no late lost signal, no bound exceeded, fencing in
+/// order, no stranded lease (a token in Redis that no section accounts for),
+/// nothing left after close, and the run itself succeeded.
+fn assert_clean(ok: bool, s: &serde_json::Value) {
+    let seed = &s["seed"];
+    assert_eq!(
+        s["violations_total"], 0,
+        "seed {seed}: violations {}, keys left {}, stranded leases {}; failed rounds: {}",
+        s["violations"], s["leftover_keys"], s["stranded_leases"], s["failed_rounds"]
+    );
+    assert_eq!(s["leftover_keys"], 0, "seed {seed}: keys left after close");
+    assert!(
+        ok,
+        "seed {seed}: the checker failed: {}",
+        s["worker_failures"]
+    );
+}
+
 #[test]
 fn no_guarantee_breaks_in_randomized_configurations_through_faults() {
     let (ok, s) = run_checker(
@@ -57,21 +75,8 @@ fn no_guarantee_breaks_in_randomized_configurations_through_faults() {
         ],
         Duration::from_secs(60),
     );
+    assert_clean(ok, &s);
     let seed = &s["seed"];
-    // Safety: no overlap, no late lost signal, no bound exceeded, fencing in
-    // order, no stranded lease (a token in Redis that no section accounts
-    // for), nothing left after close.
-    assert_eq!(
-        s["violations_total"], 0,
-        "seed {seed}: violations {}, keys left {}, stranded leases {}; failed rounds: {}",
-        s["violations"], s["leftover_keys"], s["stranded_leases"], s["failed_rounds"]
-    );
-    assert_eq!(s["leftover_keys"], 0, "seed {seed}: keys left after close");
-    assert!(
-        ok,
-        "seed {seed}: the checker failed: {}",
-        s["worker_failures"]
-    );
     // The run proves something only if it covered every primitive, both
     // topologies, and the faults bit.
     for primitive in ["mutex", "semaphore", "rwlock"] {
@@ -121,18 +126,8 @@ fn sets_of_keys_keep_every_guarantee_through_faults() {
         ],
         Duration::from_secs(45),
     );
+    assert_clean(ok, &s);
     let seed = &s["seed"];
-    assert_eq!(
-        s["violations_total"], 0,
-        "seed {seed}: violations {}, keys left {}, stranded leases {}; failed rounds: {}",
-        s["violations"], s["leftover_keys"], s["stranded_leases"], s["failed_rounds"]
-    );
-    assert_eq!(s["leftover_keys"], 0, "seed {seed}: keys left after close");
-    assert!(
-        ok,
-        "seed {seed}: the checker failed: {}",
-        s["worker_failures"]
-    );
     assert_eq!(s["rounds_by_primitive"]["multi"], 2, "seed {seed}");
     assert!(
         s["acquisitions_by_access"]["mutex"].as_u64().unwrap_or(0) >= 20,
