@@ -178,3 +178,66 @@ async fn reconnecting_to_a_server_out_of_memory_keeps_held_leases() {
     guard.release().await.unwrap();
     assert!(!server.exists("distlock:{held}").await);
 }
+
+/// The same for a set of keys (`lock_many`, one script on one server): after
+/// an empty restart, a short-expiry service takes the set only after the
+/// long-expiry holder of the set was told it lost it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_restart_a_set_of_keys_is_not_taken_before_its_holder_is_told() {
+    let mut server = RedisServer::start().await;
+    let holder = quick(&server.url(), Duration::from_secs(3))
+        .build()
+        .await
+        .unwrap();
+    let short = quick(&server.url(), Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    short
+        .lock("warm-up")
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let guard = holder
+        .lock_many(["acct:1", "acct:2"])
+        .acquire()
+        .await
+        .unwrap();
+    let lost = {
+        let lost = guard.lost();
+        tokio::spawn(async move { (lost.await, Instant::now()) })
+    };
+    server.kill();
+    server.restart().await;
+    let start = Instant::now();
+    let acquired = loop {
+        let left = Duration::from_secs(10).saturating_sub(start.elapsed());
+        assert!(!left.is_zero(), "the set was not acquired within 10 s");
+        match short
+            .lock_many(["acct:2", "acct:1"])
+            .acquire_timeout(left)
+            .await
+        {
+            Ok(g) => {
+                let at = Instant::now();
+                drop(g);
+                break at;
+            }
+            Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => panic!("acquiring the set: {e}"),
+        }
+    };
+    let (reason, lost_at) = timeout(Duration::from_secs(5), lost)
+        .await
+        .expect("the holder was told")
+        .unwrap();
+    assert!(
+        lost_at <= acquired,
+        "two owners of a set: the holder learned of the loss ({reason:?}) {:?} after \
+         another service acquired",
+        lost_at - acquired
+    );
+}
