@@ -47,14 +47,10 @@ async fn acquire_through_outage(locker: &Locker, key: &str, limit: Duration) -> 
     }
 }
 
-/// Regression: the restart quarantine covered only the acquiring locker's own
-/// longest expiry. A locker with a 300 ms expiry took the key 300 ms after the
-/// restart, while its holder in another service (3 s expiry, renewing every
-/// second) had not yet learned that the restart had erased its lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_an_empty_restart_a_short_expiry_locker_waits_for_a_long_expiry_holder() {
-    let mut server = RedisServer::start().await;
-    let holder = quick(&server.url(), Duration::from_secs(3))
+/// Two services on one server: one with a 3 s expiry, one with 300 ms that
+/// has been connected for a while (it acquired and released), as services are.
+async fn long_and_short(server: &RedisServer) -> (Locker, Locker) {
+    let long = quick(&server.url(), Duration::from_secs(3))
         .build()
         .await
         .unwrap();
@@ -62,7 +58,6 @@ async fn after_an_empty_restart_a_short_expiry_locker_waits_for_a_long_expiry_ho
         .build()
         .await
         .unwrap();
-    // The short locker has been connected for a while, as services are.
     short
         .lock("warm-up")
         .acquire()
@@ -71,6 +66,17 @@ async fn after_an_empty_restart_a_short_expiry_locker_waits_for_a_long_expiry_ho
         .release()
         .await
         .unwrap();
+    (long, short)
+}
+
+/// Regression: the restart quarantine covered only the acquiring locker's own
+/// longest expiry. A locker with a 300 ms expiry took the key 300 ms after the
+/// restart, while its holder in another service (3 s expiry, renewing every
+/// second) had not yet learned that the restart had erased its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_restart_a_short_expiry_locker_waits_for_a_long_expiry_holder() {
+    let mut server = RedisServer::start().await;
+    let (holder, short) = long_and_short(&server).await;
     let guard = holder.lock("shared").acquire().await.unwrap();
     let lost = watch_lost(&guard);
     server.kill();
@@ -185,22 +191,7 @@ async fn reconnecting_to_a_server_out_of_memory_keeps_held_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_empty_restart_a_set_of_keys_is_not_taken_before_its_holder_is_told() {
     let mut server = RedisServer::start().await;
-    let holder = quick(&server.url(), Duration::from_secs(3))
-        .build()
-        .await
-        .unwrap();
-    let short = quick(&server.url(), Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap();
-    short
-        .lock("warm-up")
-        .acquire()
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    let (holder, short) = long_and_short(&server).await;
     let guard = holder
         .lock_many(["acct:1", "acct:2"])
         .acquire()
