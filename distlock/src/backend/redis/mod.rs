@@ -14,7 +14,7 @@ mod scripts;
 mod slots;
 mod tasks;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use self::conn::{AnyPool, Checked, Conn};
 use self::scripts::{
     acquire_all_invocation, acquire_invocation, kind_flag, parse_all, parse_attempt,
-    parse_snapshot, FENCE_TTL_MS, SCRIPTS,
+    parse_snapshot, Wakers, FENCE_TTL_MS, SCRIPTS,
 };
 use self::slots::Identity;
 pub(crate) use self::tasks::PubSubSource;
@@ -85,6 +85,10 @@ struct Shared {
     registered_ms: AtomicU64,
     /// The longest expiry seen in the register, by any locker, in ms.
     register_seen_ms: AtomicU64,
+    /// A cluster whose nodes run SPUBLISH for us (Redis 7 and later, and the
+    /// ACL user may): releases publish on their shard, and the pub/sub task
+    /// subscribes with SSUBSCRIBE. Decided when the backend is verified.
+    sharded: AtomicBool,
 }
 
 /// One Redis server (or a Sentinel-managed master) reached through a pool.
@@ -118,16 +122,18 @@ impl RedisBackend {
     }
 
     /// A Redis Cluster through its pool. Scripts go to the node owning their
-    /// keys' slot; wake-ups use plain PUBLISH, which a cluster delivers to
-    /// subscribers on every node, so the pub/sub connection may use any node
-    /// (the task moves to the next one when a node fails).
+    /// keys' slot. Wake-ups use sharded pub/sub where every node has it
+    /// (SPUBLISH stays on the shard that owns the channel's slot, and the
+    /// pub/sub task follows the slots); otherwise plain PUBLISH, which a
+    /// cluster forwards to subscribers on every node, so that the pub/sub
+    /// connection may use any node (moving to the next one when a node fails).
     pub(crate) fn cluster(
         pool: deadpool_redis::cluster::Pool,
         nodes: Vec<redis::Client>,
         settings: RedisSettings,
     ) -> Self {
         let (hub, mut rxs) = Hub::remote(1, 1);
-        let feed = rxs.pop().map(|rx| (PubSubSource::Nodes(nodes), rx));
+        let feed = rxs.pop().map(|rx| (PubSubSource::Cluster(nodes), rx));
         RedisBackend::with_hub(AnyPool::Cluster(pool), feed, hub, settings)
     }
 
@@ -197,6 +203,7 @@ impl RedisBackend {
                 longest_expiry_ms: AtomicU64::new(least_quarantine),
                 registered_ms: AtomicU64::new(0),
                 register_seen_ms: AtomicU64::new(0),
+                sharded: AtomicBool::new(false),
             }),
         }
     }
@@ -243,6 +250,8 @@ impl RedisBackend {
                     redis::cmd("PING").query_async(&mut c).await
                 })
                 .await?;
+            let sharded = self.spublish_works().await?;
+            self.shared.sharded.store(sharded, Ordering::Relaxed);
             return Ok(None);
         }
         self.conn().await?;
@@ -252,6 +261,46 @@ impl RedisBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         Ok(id.run_id.clone())
+    }
+
+    /// Whether the cluster runs SPUBLISH for this user: a probe on a channel
+    /// nobody subscribes to. An unknown command (Redis before 7) or a refusal
+    /// (an ACL user without `+spublish`) keeps plain PUBLISH, never an error.
+    async fn spublish_works(&self) -> Result<bool> {
+        let probed = self
+            .try_call(None, "SPUBLISH", |mut c| async move {
+                Ok(redis::cmd("SPUBLISH")
+                    .arg("distlock:{probe}:sharded")
+                    .arg("")
+                    .query_async::<i64>(&mut c)
+                    .await)
+            })
+            .await;
+        match probed {
+            Ok(_) => Ok(true),
+            Err(Error::Auth { .. } | Error::Redis { .. }) => {
+                tracing::info!(
+                    "the cluster does not run SPUBLISH for this user (Redis before 7, or an ACL \
+                     without +spublish): releases are published with PUBLISH, which every node forwards"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The scripts that publish a release, in the form this backend uses.
+    fn wakers(&self) -> &'static Wakers {
+        if self.shared.sharded.load(Ordering::Relaxed) {
+            &SCRIPTS.spublish
+        } else {
+            &SCRIPTS.publish
+        }
+    }
+
+    /// True when releases publish on their shard (see [`Shared::sharded`]).
+    pub(super) fn sharded(&self) -> bool {
+        self.shared.sharded.load(Ordering::Relaxed)
     }
 
     /// The eviction policy of the servers this backend writes to (the server,
@@ -411,8 +460,9 @@ impl RedisBackend {
     }
 
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
+        let wakers = self.wakers();
         self.call("release", |mut c| async move {
-            SCRIPTS
+            wakers
                 .release
                 .key(&keys.lock)
                 .key(&keys.channel)
@@ -428,9 +478,10 @@ impl RedisBackend {
     /// Releases several mutexes of one acquisition in one script (one
     /// server: never a Cluster); one `bool` per lock, in order.
     pub(crate) async fn release_all(&self, locks: &[Keys], token: &str) -> Result<Vec<bool>> {
+        let wakers = self.wakers();
         let released: Vec<i64> = self
             .call("release", |mut c| async move {
-                let mut inv = SCRIPTS.release_all.prepare_invoke();
+                let mut inv = wakers.release_all.prepare_invoke();
                 for keys in locks {
                     inv.key(&keys.lock);
                 }
@@ -574,8 +625,9 @@ impl RedisBackend {
         // A message of its own, so that waiters never take it for one they saw.
         let message = crate::token::mint("force:")?;
         let message = message.as_str();
+        let wakers = self.wakers();
         self.call("force unlock", |mut c| async move {
-            let mut inv = SCRIPTS.force_unlock.prepare_invoke();
+            let mut inv = wakers.force_unlock.prepare_invoke();
             for k in holders {
                 inv.key(k);
             }
@@ -789,7 +841,8 @@ impl Drop for InDoubt {
             for keys in &keys {
                 let first = tokio::time::timeout(
                     backend.shared.settings.op_timeout,
-                    SCRIPTS
+                    backend
+                        .wakers()
                         .release
                         .key(&keys.lock)
                         .key(&keys.channel)

@@ -420,34 +420,63 @@ pub(super) struct Scripts {
     pub(super) exclusive: Script,
     pub(super) all: Script,
     pub(super) shared: Script,
-    pub(super) release: Script,
-    pub(super) release_all: Script,
+    /// The scripts that wake waiters, publishing with PUBLISH: one server,
+    /// Sentinel, Redlock, and a cluster without sharded pub/sub.
+    pub(super) publish: Wakers,
+    /// The same with SPUBLISH: a cluster with sharded pub/sub, where the
+    /// message stays on the shard that owns the lock's slot.
+    pub(super) spublish: Wakers,
     pub(super) extend_many: Script,
     pub(super) count: Script,
     pub(super) fence_floor: Script,
-    pub(super) force_unlock: Script,
     pub(super) register: Script,
     pub(super) retoken: Script,
     pub(super) inspect: Script,
+}
+
+/// The three scripts that publish a release message.
+pub(super) struct Wakers {
+    pub(super) release: Script,
+    pub(super) release_all: Script,
+    pub(super) force_unlock: Script,
+}
+
+/// The scripts that publish, in the order of [`Wakers`]' fields.
+const WAKERS: [&str; 3] = [RELEASE, RELEASE_ALL, FORCE_UNLOCK];
+
+/// `source` publishing with SPUBLISH instead of PUBLISH. The channel is one
+/// of the script's keys, so it hashes to the slot the script runs on.
+fn sharded(source: &str) -> String {
+    source.replace("redis.call('publish',", "redis.call('spublish',")
+}
+
+impl Wakers {
+    fn new(sources: [&str; 3]) -> Self {
+        let [release, release_all, force_unlock] = sources.map(Script::new);
+        Wakers {
+            release,
+            release_all,
+            force_unlock,
+        }
+    }
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     exclusive: Script::new(ACQUIRE_EXCLUSIVE),
     all: Script::new(ACQUIRE_ALL),
     shared: Script::new(ACQUIRE_SHARED),
-    release: Script::new(RELEASE),
-    release_all: Script::new(RELEASE_ALL),
+    publish: Wakers::new(WAKERS),
+    spublish: Wakers::new(WAKERS.map(sharded).each_ref().map(String::as_str)),
     extend_many: Script::new(EXTEND_MANY),
     count: Script::new(COUNT),
     fence_floor: Script::new(FENCE_FLOOR),
-    force_unlock: Script::new(FORCE_UNLOCK),
     register: Script::new(REGISTER),
     retoken: Script::new(RETOKEN),
     inspect: Script::new(INSPECT),
 });
 
-/// Every script's source, for [`preload`] (a unit test checks that it names
-/// every script of [`SCRIPTS`]).
+/// Every script's source but the SPUBLISH variants, for [`preload`] (a unit
+/// test checks that, with those, it names every script of [`SCRIPTS`]).
 const SOURCES: [&str; 12] = [
     ACQUIRE_EXCLUSIVE,
     ACQUIRE_ALL,
@@ -466,7 +495,9 @@ const SOURCES: [&str; 12] = [
 /// Loads every script into the server's script cache in one round trip.
 /// Otherwise a script's first use on a server costs two (`EVALSHA`, refused,
 /// then the script itself): over a slow link, enough for a first renewal to
-/// time out and a lease to be lost for nothing.
+/// time out and a lease to be lost for nothing. (Only one server's
+/// connections are checked this way: a cluster, the one user of the SPUBLISH
+/// forms, loads its scripts on first use.)
 pub(super) async fn preload(conn: &mut super::Conn) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
     for source in SOURCES {
@@ -690,18 +721,22 @@ mod tests {
         let loaded: Vec<String> = SOURCES
             .iter()
             .map(|s| Script::new(s).get_hash().to_owned())
+            .chain(
+                WAKERS
+                    .iter()
+                    .map(|s| Script::new(&sharded(s)).get_hash().to_owned()),
+            )
             .collect();
         // No `..`: a new script is a compile error here until it is listed.
         let Scripts {
             exclusive,
             all,
             shared,
-            release,
-            release_all,
+            publish,
+            spublish,
             extend_many,
             count,
             fence_floor,
-            force_unlock,
             register,
             retoken,
             inspect,
@@ -710,12 +745,15 @@ mod tests {
             ("exclusive", exclusive),
             ("all", all),
             ("shared", shared),
-            ("release", release),
-            ("release_all", release_all),
+            ("release", &publish.release),
+            ("release_all", &publish.release_all),
+            ("force_unlock", &publish.force_unlock),
+            ("sharded release", &spublish.release),
+            ("sharded release_all", &spublish.release_all),
+            ("sharded force_unlock", &spublish.force_unlock),
             ("extend_many", extend_many),
             ("count", count),
             ("fence_floor", fence_floor),
-            ("force_unlock", force_unlock),
             ("register", register),
             ("retoken", retoken),
             ("inspect", inspect),
@@ -724,6 +762,11 @@ mod tests {
                 loaded.iter().any(|h| h == script.get_hash()),
                 "{name} is not in SOURCES"
             );
+        }
+        assert_ne!(publish.release.get_hash(), spublish.release.get_hash());
+        for source in WAKERS {
+            assert!(sharded(source).contains("redis.call('spublish',"));
+            assert!(!sharded(source).contains("redis.call('publish',"));
         }
     }
 

@@ -1,5 +1,6 @@
 //! The Redis backend's background tasks: the pub/sub connection that turns
-//! release messages into wake-ups, and in Sentinel mode the watcher that
+//! release messages into wake-ups (on a cluster with sharded pub/sub, a
+//! cluster connection that follows the slots), and in Sentinel mode the watcher that
 //! follows the master. Each borrows what it needs from the backend
 //! ([`Lent`]), so that a task dropped with its runtime starts again on the
 //! next one.
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -16,8 +18,12 @@ use crate::notify::{Hub, SubCmd};
 
 /// Where the pub/sub connection goes.
 pub(crate) enum PubSubSource {
-    /// These nodes, in turn (one server, or a cluster's seeds).
+    /// These nodes, in turn (one server, or a Redlock member).
     Nodes(Vec<redis::Client>),
+    /// A cluster's seed nodes: with sharded pub/sub, one cluster connection
+    /// subscribes each channel on the node that owns its slot; without, the
+    /// seeds in turn, as [`PubSubSource::Nodes`].
+    Cluster(Vec<redis::Client>),
     /// The master Sentinel names now.
     Sentinel(Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
 }
@@ -26,7 +32,9 @@ impl PubSubSource {
     /// A client for the `attempt`th connection.
     async fn client(&self, attempt: usize) -> Option<redis::Client> {
         match self {
-            PubSubSource::Nodes(nodes) => nodes.get(attempt % nodes.len().max(1)).cloned(),
+            PubSubSource::Nodes(nodes) | PubSubSource::Cluster(nodes) => {
+                nodes.get(attempt % nodes.len().max(1)).cloned()
+            }
             PubSubSource::Sentinel(s) => s.lock().await.async_get_client().await.ok(),
         }
     }
@@ -73,12 +81,15 @@ impl RedisBackend {
             return;
         };
         if let Some(feed) = slot.take() {
-            rt.spawn(pubsub_task(
-                Lent::new(s, |s| &s.pubsub, feed),
-                Arc::clone(&s.hub),
-                s.shutdown.clone(),
-                s.settings.clone(),
-            ));
+            let sharded = self.sharded() && matches!(feed.0, PubSubSource::Cluster(_));
+            let lent = Lent::new(s, |s| &s.pubsub, feed);
+            let (hub, shutdown, settings) =
+                (Arc::clone(&s.hub), s.shutdown.clone(), s.settings.clone());
+            if sharded {
+                rt.spawn(sharded_task(lent, hub, shutdown, settings));
+            } else {
+                rt.spawn(pubsub_task(lent, hub, shutdown, settings));
+            }
         }
     }
 }
@@ -246,5 +257,124 @@ async fn pubsub_task(
             }
         }
         tracing::debug!("pub/sub connection lost; reconnecting");
+    }
+}
+
+/// Cluster mode with sharded pub/sub: one RESP3 cluster connection, which
+/// sends each `SSUBSCRIBE` to the node that owns the channel's slot and
+/// subscribes again after reconnecting to a node or learning new slots. Its
+/// messages reach the hub from inside the connection's own driver (a push
+/// sender), with no task in between. Subscribes and unsubscribes in the
+/// order asked; connects again (resubscribing, and waking every waiter in
+/// case a message was missed) when a command on it fails.
+async fn sharded_task(
+    mut lent: Lent<(PubSubSource, mpsc::UnboundedReceiver<SubCmd>)>,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    settings: RedisSettings,
+) {
+    let Some((PubSubSource::Cluster(nodes), cmds)) = lent.value.as_mut() else {
+        return;
+    };
+    let infos: Vec<redis::ConnectionInfo> = nodes
+        .iter()
+        .map(|c| c.get_connection_info().clone())
+        .collect();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let deliver = {
+            let hub = Arc::downgrade(&hub);
+            move |push: PushInfo| -> Result<(), ()> {
+                if let Some(hub) = hub.upgrade() {
+                    deliver(&hub, push);
+                }
+                Ok(())
+            }
+        };
+        let connect = async {
+            redis::cluster::ClusterClientBuilder::new(infos.clone())
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(deliver)
+                .connection_timeout(settings.connect_timeout)
+                .response_timeout(settings.op_timeout)
+                .build()
+                .ok()?
+                .get_async_connection()
+                .await
+                .ok()
+        };
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(settings.connect_timeout, connect) => r,
+        };
+        let Ok(Some(mut conn)) = connected else {
+            tracing::debug!("sharded pub/sub connection failed; waiters fall back to timers");
+            while let Ok(cmd) = cmds.try_recv() {
+                if let SubCmd::Subscribe(_, ack) = cmd {
+                    let _ = ack.send(false);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            continue;
+        };
+        backoff = Duration::from_millis(50);
+        let mut healthy = true;
+        for channel in hub.channels() {
+            let subscribed =
+                tokio::time::timeout(settings.op_timeout, conn.ssubscribe(&channel)).await;
+            if !matches!(subscribed, Ok(Ok(()))) {
+                healthy = false;
+                break;
+            }
+        }
+        hub.notify_all();
+        while healthy {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(SubCmd::Subscribe(channel, ack)) => {
+                        let ok = matches!(
+                            tokio::time::timeout(settings.op_timeout, conn.ssubscribe(&channel)).await,
+                            Ok(Ok(()))
+                        );
+                        let _ = ack.send(ok);
+                        healthy = ok;
+                    }
+                    Some(SubCmd::Reconnect) => healthy = false,
+                    Some(SubCmd::Unsubscribe(channel)) => {
+                        healthy = matches!(
+                            tokio::time::timeout(settings.op_timeout, conn.sunsubscribe(&channel)).await,
+                            Ok(Ok(()))
+                        );
+                    }
+                },
+            }
+        }
+        tracing::debug!("sharded pub/sub connection failed; connecting again");
+    }
+}
+
+/// One push from the sharded pub/sub connection, into the hub: a release
+/// message wakes its channel's waiters; a lost node connection wakes every
+/// waiter, since a message may be missed until the connection subscribes
+/// again (the waiters' timers cover that gap).
+fn deliver(hub: &Hub, push: PushInfo) {
+    match push.kind {
+        PushKind::SMessage => {
+            if let [redis::Value::BulkString(channel), redis::Value::BulkString(payload), ..] =
+                push.data.as_slice()
+            {
+                if let Ok(channel) = std::str::from_utf8(channel) {
+                    hub.notify_message(channel, payload);
+                }
+            }
+        }
+        PushKind::Disconnection => hub.notify_all(),
+        _ => {}
     }
 }
