@@ -49,6 +49,7 @@ pub struct LockLayer<K, M = AsError> {
     pub(crate) mode: M,
     /// The metrics name of its locks.
     pub(crate) name: Option<Arc<str>>,
+    pub(crate) fair: bool,
 }
 
 /// How long a request waits for its lock unless the policy says otherwise:
@@ -78,6 +79,7 @@ impl<K> LockLayer<K> {
             policy: Policy::new().timeout(DEFAULT_WAIT),
             mode: AsError,
             name: None,
+            fair: false,
         }
     }
 }
@@ -140,6 +142,22 @@ impl<K, M> LockLayer<K, M> {
         self
     }
 
+    /// Serves the requests of one key in arrival order across every replica,
+    /// handing the lock over on the server (see [`distlock::Lock::fair`]): for
+    /// a hot key, such as one account taking many requests at once. Give it
+    /// to the layer in every replica.
+    ///
+    /// ```
+    /// use distlock_tower::{key, LockLayer};
+    ///
+    /// let layer = LockLayer::new(distlock::Locker::memory(), key::path_segment(1)).fair(true);
+    /// # let _ = layer;
+    /// ```
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
     /// The same layer in another mode (the HTTP and gRPC modes switch with it).
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn with_mode<N>(self, mode: N) -> LockLayer<K, N> {
@@ -149,6 +167,7 @@ impl<K, M> LockLayer<K, M> {
             policy: self.policy,
             mode,
             name: self.name,
+            fair: self.fair,
         }
     }
 }
@@ -177,6 +196,7 @@ impl<K: Clone, M: Clone> Clone for LockLayer<K, M> {
             policy: self.policy.clone(),
             mode: self.mode.clone(),
             name: self.name.clone(),
+            fair: self.fair,
         }
     }
 }
@@ -189,6 +209,7 @@ impl<K, M: fmt::Debug> fmt::Debug for LockLayer<K, M> {
             .field("policy", &self.policy)
             .field("mode", &self.mode)
             .field("name", &self.name)
+            .field("fair", &self.fair)
             .finish()
     }
 }

@@ -65,7 +65,7 @@ impl<S, K, M> LockService<S, K, M> {
         let name = self.layer.name.as_ref();
         Some(match (keys.pop(), keys.is_empty()) {
             (Some(key), true) => {
-                let lock = locker.lock(key);
+                let lock = locker.lock(key).fair(self.layer.fair);
                 Target::One(match name {
                     Some(n) => lock.name(Arc::clone(n)),
                     None => lock,

@@ -13,6 +13,8 @@
 //! | `P{K}:rw:i` | a waiting writer's intent: new readers wait while it lives |
 //! | `P{K}:fence` | the fencing counter (created from the server's clock, 7-day TTL) |
 //! | `P{K}:released` | the pub/sub channel a release publishes to |
+//! | `P{K}:line` | a fair mutex's waiters in arrival order (a list of `expiry:token`) |
+//! | `P{K}:tickets` | each waiting token's ticket deadline (a sorted set, server ms) |
 
 use std::sync::Arc;
 
@@ -53,7 +55,7 @@ impl std::ops::Deref for Keys {
 }
 
 /// The names behind [`Keys`].
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct KeyNames {
     /// The user's key.
     pub(crate) name: String,
@@ -69,6 +71,11 @@ pub(crate) struct KeyNames {
     pub(crate) fence: String,
     /// The release channel.
     pub(crate) channel: String,
+    /// A mutex with a line on the server ([`Keys::in_line`]): the waiters'
+    /// tickets in arrival order (a list), and each live ticket's deadline (a
+    /// sorted set). Empty for every other lock.
+    pub(crate) line: String,
+    pub(crate) tickets: String,
 }
 
 impl Keys {
@@ -92,7 +99,25 @@ impl Keys {
             },
             fence: format!("{base}:fence"),
             channel: format!("{base}:released"),
+            line: String::new(),
+            tickets: String::new(),
         })))
+    }
+
+    /// A mutex whose waiters queue on the server, where a release hands the
+    /// lock to the first live ticket (see `Lock::fair`).
+    pub(crate) fn in_line(prefix: &str, name: &str) -> Result<Self> {
+        let keys = Keys::new(prefix, name, LockKind::Mutex)?;
+        let base = format!("{prefix}{{{name}}}");
+        let mut names = Arc::unwrap_or_clone(keys.0);
+        names.line = format!("{base}:line");
+        names.tickets = format!("{base}:tickets");
+        Ok(Keys(Arc::new(names)))
+    }
+
+    /// True for a mutex with a line on the server.
+    pub(crate) fn fair(&self) -> bool {
+        !self.line.is_empty()
     }
 
     /// Every key a force-unlock deletes: the holders of every kind.

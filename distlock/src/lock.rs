@@ -48,6 +48,8 @@ pub struct Lock {
     /// The owner tag its tokens start with, when not the locker's (an
     /// election's candidates carry their value there).
     owner: Option<Arc<str>>,
+    /// Waiters queue on the server and a release hands the lock over.
+    fair: bool,
 }
 
 /// What one attempt came to.
@@ -71,6 +73,7 @@ impl Lock {
             keys: Arc::default(),
             name: None,
             owner: None,
+            fair: false,
         }
     }
 
@@ -107,6 +110,33 @@ impl Lock {
     /// ```
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Makes waiting fair across replicas, and hands the lock over on the
+    /// server (a mutex on one server, under Sentinel or on a Cluster; elsewhere
+    /// this changes nothing).
+    ///
+    /// Waiters queue on the server in the order they first tried, each with a
+    /// ticket it refreshes while it waits (a ticket not refreshed is skipped,
+    /// so a waiter that died costs nothing). A release hands the lock, in the
+    /// same script, to the first live ticket, with a new fencing token, and
+    /// publishes the handover: the next owner holds the lock from that moment,
+    /// without a round trip of its own, and nobody can overtake it, not even a
+    /// flood of [`try_acquire`](Lock::try_acquire), which is refused while
+    /// anyone waits. Within a process, waiters keep their local line: one
+    /// ticket per process at a time.
+    ///
+    /// Every `Lock` on the key should be fair: a lock that is not takes the
+    /// key whenever it is free, ahead of the line (never beside its owner).
+    ///
+    /// ```
+    /// let locker = distlock::Locker::memory();
+    /// let lock = locker.lock("account:7").fair(true);
+    /// # let _ = lock;
+    /// ```
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
         self
     }
 
@@ -220,7 +250,12 @@ impl Lock {
         if let Some(keys) = self.keys.get() {
             return Ok(keys.clone());
         }
-        let keys = Keys::new(self.locker.key_prefix(), &self.key, self.kind)?;
+        let keys = if self.fair && self.kind == LockKind::Mutex && self.locker.backend().has_lines()
+        {
+            Keys::in_line(self.locker.key_prefix(), &self.key)?
+        } else {
+            Keys::new(self.locker.key_prefix(), &self.key, self.kind)?
+        };
         Ok(self.keys.get_or_init(|| keys).clone())
     }
 
@@ -317,6 +352,9 @@ impl Lock {
         let Some(mut head) = head else {
             return Err(Error::Closed);
         };
+        if keys.fair() {
+            return self.wait_in_line(keys, &mut head, deadline, started).await;
+        }
         let mut subscribed = head.sub.is_some();
         // When the previous head of this line took an exclusive lock, wait for
         // its release message before the first attempt: N local waiters make one
@@ -376,29 +414,165 @@ impl Lock {
         }
     }
 
+    /// The head of this process's line for a fair mutex: joins the line on
+    /// the server with one token for the whole wait, and holds the lock when
+    /// a release hands it over (or, should that message be lost, when its next
+    /// attempt finds the lock holding its token). A wait that ends without the
+    /// lock, or is dropped, gives up its place, and a handover it did not see
+    /// is passed on (see [`InLine`]).
+    async fn wait_in_line(
+        &self,
+        keys: &Keys,
+        head: &mut crate::queue::HeadState,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> Result<LockGuard> {
+        let mut line = InLine {
+            locker: self.locker.clone(),
+            keys: keys.clone(),
+            token: self.mint()?,
+        };
+        let refresh = ticket_refresh(&self.opts);
+        let ticket = refresh * 3;
+        // The highest fencing counter a refusal reported, and when the latest
+        // refusal was sent: a handover minted a higher token after it, so the
+        // server's expiry counts from later than that send.
+        let mut seen = 0u64;
+        let mut refused_at = started;
+        let mut retries = 0u32;
+        loop {
+            let sent = Instant::now();
+            let ttl = match self.attempt_as(keys, line.token.clone(), ticket).await? {
+                (Try::Acquired(guard), _) => {
+                    line.done();
+                    return Ok(guard);
+                }
+                (Try::Held { ttl }, counter) => {
+                    // Only a refusal the server sent counts (it reports the
+                    // counter); one the restart quarantine made up never
+                    // reached it.
+                    if counter > 0 {
+                        seen = seen.max(counter);
+                        refused_at = sent;
+                    }
+                    ttl
+                }
+                (Try::TooLate, _) => {
+                    // Given back (and handed on): queue again, afresh.
+                    line.token = self.mint()?;
+                    None
+                }
+            };
+            if head.sub.is_none() {
+                let ack = self.opts.backoff(0).max(refresh);
+                let (sub, confirmed) = self.locker.backend().subscribe(keys, ack).await;
+                head.sub = Some(sub);
+                if confirmed {
+                    // A handover between the refusal and the subscription
+                    // was not heard: the next attempt finds it.
+                    continue;
+                }
+            }
+            let mut sleep = self.opts.backoff(retries).min(refresh);
+            if let Some(ttl) = ttl {
+                sleep = sleep.min(ttl + Duration::from_millis(1));
+            }
+            let mut wake_at = Instant::now() + sleep;
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    return Err(self.timeout(started));
+                }
+                wake_at = wake_at.min(d);
+            }
+            retries = retries.saturating_add(1);
+            obs::waiting(&self.key, retries, sleep);
+            let Some(sub) = head.sub.as_mut() else {
+                tokio::time::sleep_until(wake_at).await;
+                continue;
+            };
+            loop {
+                tokio::select! {
+                    () = sub.changed() => {}
+                    () = tokio::time::sleep_until(wake_at) => break,
+                }
+                if let Some(fence) = sub.granted(&line.token).filter(|&f| f > seen) {
+                    match self.take_over(keys, &line.token, fence, refused_at).await? {
+                        Try::Acquired(guard) => {
+                            line.done();
+                            return Ok(guard);
+                        }
+                        _ => {
+                            line.token = self.mint()?;
+                            break;
+                        }
+                    }
+                }
+                if !sub.handed_over() {
+                    // A plain release (or an expiry, a reconnect): try now.
+                    break;
+                }
+                // Handed to someone ahead of us: keep waiting our turn.
+            }
+        }
+    }
+
+    /// A token for one attempt, or one wait in line.
+    fn mint(&self) -> Result<String> {
+        let tag = self.owner.as_deref().unwrap_or(self.locker.owner_tag());
+        crate::token::mint(tag)
+    }
+
+    /// Holds a lock a release handed to `token` with fencing token `fence`,
+    /// after a refusal sent at `refused_at`: the handover came after that
+    /// refusal reached the server, so the server's expiry ends after
+    /// `refused_at` + expiry, and the lease's local deadline counts from
+    /// there.
+    async fn take_over(
+        &self,
+        keys: &Keys,
+        token: &str,
+        fence: u64,
+        refused_at: Instant,
+    ) -> Result<Try> {
+        let _in_flight = self.locker.begin_attempt()?;
+        self.hold(keys, token.to_owned(), fence, refused_at).await
+    }
+
     /// One attempt. From the backend's answer to the returned guard there is no
     /// await point, so a dropped future never strands an acquired lease.
     async fn attempt(&self, keys: &Keys) -> Result<Try> {
+        let token = self.mint()?;
+        Ok(self.attempt_as(keys, token, Duration::ZERO).await?.0)
+    }
+
+    /// One attempt under `token`; a fair mutex's waiter passes how long its
+    /// ticket in the line lives, and gets back the fencing counter of a refusal.
+    async fn attempt_as(&self, keys: &Keys, token: String, ticket: Duration) -> Result<(Try, u64)> {
         // `close()` waits for this attempt, so that what it takes is either
         // registered with the keeper before it stops, or given back.
         let _in_flight = self.locker.begin_attempt()?;
-        let tag = self.owner.as_deref().unwrap_or(self.locker.owner_tag());
-        let token = crate::token::mint(tag)?;
         let sent = Instant::now();
         let backend = self.locker.backend();
         let intent = (self.opts.retry_max * 3).max(Duration::from_secs(1));
         let fence = match backend
-            .acquire(Request {
+            .acquire_in_line(Request {
                 keys,
                 token: &token,
                 expiry: self.opts.expiry,
                 intent,
+                ticket,
             })
             .await?
         {
-            Attempt::Held { ttl } => return Ok(Try::Held { ttl }),
-            Attempt::Acquired { fence } => fence,
+            (Attempt::Held { ttl }, seen) => return Ok((Try::Held { ttl }, seen)),
+            (Attempt::Acquired { fence }, _) => fence,
         };
+        Ok((self.hold(keys, token, fence, sent).await?, 0))
+    }
+
+    /// Registers a lease taken by a request sent at `sent` with the keeper,
+    /// or gives it back when that is too late to be of use.
+    async fn hold(&self, keys: &Keys, token: String, fence: u64, sent: Instant) -> Result<Try> {
         let max_hold_at = self.opts.max_hold.and_then(|m| sent.checked_add(m));
         let taken = Taken {
             keys: keys.clone(),
@@ -420,6 +594,46 @@ impl Lock {
             return Ok(Try::TooLate);
         }
         Ok(Try::Acquired(guard))
+    }
+}
+
+/// How often a fair mutex's waiter refreshes its ticket (which lives three
+/// times as long): often enough that a handover leaves the new owner most of
+/// its expiry (its deadline counts from its last refusal), rarely enough to
+/// cost little: a fifth of the expiry, at most 500 ms.
+fn ticket_refresh(opts: &LeaseOptions) -> Duration {
+    (opts.expiry / 5).min(Duration::from_millis(500))
+}
+
+/// A fair mutex's waiter's place in the line. Dropped before [`InLine::done`]
+/// (the wait failed, timed out or was cancelled), it gives the place up in the
+/// background, and should a release have handed the lock to its token
+/// meanwhile, releases it, which hands it on.
+struct InLine {
+    locker: Locker,
+    keys: Keys,
+    token: String,
+}
+
+impl InLine {
+    fn done(&mut self) {
+        self.token.clear();
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        if self.token.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.locker.backend().clone();
+        let (keys, token) = (self.keys.clone(), std::mem::take(&mut self.token));
+        rt.spawn(async move {
+            let _ = backend.release(&keys, &token).await;
+        });
     }
 }
 

@@ -44,6 +44,12 @@ struct Channel {
     next: usize,
     /// Releases handed to local waiters in a row.
     streak: u32,
+    /// The latest handovers of a fair mutex (`grant:<fence>:<token>`
+    /// messages): token and fencing token, a ring.
+    grants: [Option<(String, u64)>; RECENT],
+    next_grant: usize,
+    /// Whether the latest message was a handover (to anyone).
+    last_grant: bool,
 }
 
 impl Channel {
@@ -54,7 +60,20 @@ impl Channel {
             recent: [0; RECENT],
             next: 0,
             streak: 0,
+            grants: Default::default(),
+            next_grant: 0,
+            last_grant: false,
         }
+    }
+
+    fn record(&mut self, payload: &[u8]) {
+        self.last_grant = false;
+        let Some((fence, token)) = parse_grant(payload) else {
+            return;
+        };
+        self.grants[self.next_grant] = Some((token.to_owned(), fence));
+        self.next_grant = (self.next_grant + 1) % RECENT;
+        self.last_grant = true;
     }
 
     fn wake(&self) {
@@ -170,8 +189,9 @@ impl Hub {
 
     /// Wakes every waiter on `channel`.
     pub(crate) fn notify(&self, channel: &str) {
-        let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = map.get(channel) {
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get_mut(channel) {
+            c.last_grant = false;
             c.wake();
         }
     }
@@ -181,6 +201,7 @@ impl Hub {
     pub(crate) fn notify_message(&self, channel: &str, payload: &[u8]) {
         let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get_mut(channel) {
+            c.record(payload);
             c.wake_once(self.hasher.hash_one(payload));
         }
     }
@@ -199,6 +220,7 @@ impl Hub {
                 return;
             }
             c.streak += 1;
+            c.last_grant = false;
             c.wake_once(self.hasher.hash_one(token.as_bytes()));
         }
     }
@@ -206,8 +228,9 @@ impl Hub {
     /// Wakes every waiter on every channel (after a reconnect, a message may have
     /// been missed).
     pub(crate) fn notify_all(&self) {
-        let map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        for c in map.values() {
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in map.values_mut() {
+            c.last_grant = false;
             c.wake();
         }
     }
@@ -272,6 +295,40 @@ impl Subscription {
             std::future::pending::<()>().await;
         }
     }
+
+    /// The fencing token of a recent handover of the lock to `token` (a fair
+    /// mutex's release message), if one arrived.
+    pub(crate) fn granted(&self, token: &str) -> Option<u64> {
+        let map = self
+            .hub
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let c = map.get(&self.channel)?;
+        c.grants
+            .iter()
+            .flatten()
+            .find(|(t, _)| t == token)
+            .map(|&(_, fence)| fence)
+    }
+
+    /// True when the latest message was a handover: the lock went to the
+    /// first in line, so trying for it is of no use.
+    pub(crate) fn handed_over(&self) -> bool {
+        let map = self
+            .hub
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(&self.channel).is_some_and(|c| c.last_grant)
+    }
+}
+
+/// A handover message, `grant:<fence>:<token>`: its fencing token and token.
+fn parse_grant(payload: &[u8]) -> Option<(u64, &str)> {
+    let text = std::str::from_utf8(payload.strip_prefix(b"grant:")?).ok()?;
+    let (fence, token) = text.split_once(':')?;
+    Some((fence.parse().ok()?, token))
 }
 
 impl Drop for Subscription {

@@ -166,6 +166,9 @@ pub(crate) struct Request<'a> {
     /// How long a writer's intent lives (the write side of a reader-writer
     /// lock; unused otherwise).
     pub(crate) intent: Duration,
+    /// A fair mutex's waiter: how long its ticket in the line lives (zero:
+    /// a single attempt, which does not join the line).
+    pub(crate) ticket: Duration,
 }
 
 impl<'a> Request<'a> {
@@ -185,6 +188,25 @@ pub(crate) struct Retoken<'a> {
 }
 
 impl Backend {
+    /// True where a fair mutex's line lives on the server: one server,
+    /// Sentinel, a Cluster. (Redlock would need a majority to agree on the
+    /// line; memory's local lines are already FIFO.)
+    pub(crate) fn has_lines(&self) -> bool {
+        matches!(self, Backend::Redis(_))
+    }
+
+    /// One attempt of a fair mutex's waiter ([`Backend::has_lines`]), which
+    /// joins the line or keeps its place there. Returns the attempt, and on a
+    /// refusal the fencing counter at that moment (a handover whose token is
+    /// at most that came before the refusal: it is stale). Cancel safe as
+    /// [`acquire`](Backend::acquire).
+    pub(crate) async fn acquire_in_line(&self, req: Request<'_>) -> Result<(Attempt, u64)> {
+        match self {
+            Backend::Redis(b) => boxed(b.acquire_in_line(req)).await,
+            _ => self.acquire(req).await.map(|a| (a, 0)),
+        }
+    }
+
     /// One attempt to take the lock. Cancel safe: if the attempt may have
     /// succeeded when the future is dropped, the token is released in the background.
     pub(crate) async fn acquire(&self, req: Request<'_>) -> Result<Attempt> {
@@ -248,7 +270,9 @@ impl Backend {
                 return Ok(b.release(keys, token));
             }
         };
-        if let Ok(true) = released {
+        // A fair mutex's release may have handed the lock over: its waiters
+        // learn from the message, which says to whom.
+        if let (Ok(true), false) = (&released, keys.fair()) {
             hub.released_here(&keys.channel, token);
         }
         released

@@ -339,6 +339,7 @@ impl RedlockBackend {
                     token: &token,
                     expiry,
                     intent,
+                    ticket: Duration::ZERO,
                 };
                 let r = server.acquire(req).await;
                 if let Ok(Attempt::Acquired { .. }) = r {

@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use self::conn::{AnyPool, Checked, Conn};
 use self::scripts::{
-    acquire_all_invocation, acquire_invocation, kind_flag, parse_all, parse_attempt,
-    parse_snapshot, Wakers, FENCE_TTL_MS, SCRIPTS,
+    acquire_all_invocation, acquire_invocation, kind_flag, parse_all, parse_attempt, parse_seen,
+    parse_snapshot, release_invocation, Wakers, FENCE_TTL_MS, SCRIPTS,
 };
 use self::slots::Identity;
 pub(crate) use self::tasks::PubSubSource;
@@ -340,21 +340,28 @@ impl RedisBackend {
     }
 
     pub(crate) async fn acquire(&self, req: Request<'_>) -> Result<Attempt> {
-        let (keys, token, expiry, intent) = req.parts();
+        self.acquire_in_line(req).await.map(|(attempt, _)| attempt)
+    }
+
+    /// An attempt, and on a fair mutex's refusal the fencing counter then
+    /// (see [`Backend::acquire_in_line`](crate::backend::Backend::acquire_in_line)).
+    pub(crate) async fn acquire_in_line(&self, req: Request<'_>) -> Result<(Attempt, u64)> {
+        let (keys, token, expiry, _) = req.parts();
         let locks = std::slice::from_ref(keys);
         self.acquire_with(
             locks,
             token,
             expiry,
             2,
-            |register| acquire_invocation(keys, token, expiry, intent, register),
+            |register| acquire_invocation(req, register),
             |reply| {
                 let attempt = parse_attempt(keys, reply)?;
-                Ok((attempt, matches!(attempt, Attempt::Acquired { .. })))
+                let taken = matches!(attempt, Attempt::Acquired { .. });
+                Ok(((attempt, parse_seen(reply)), taken))
             },
         )
         .await
-        .map(|a| a.unwrap_or_else(|wait| Attempt::Held { ttl: Some(wait) }))
+        .map(|a| a.unwrap_or_else(|wait| (Attempt::Held { ttl: Some(wait) }, 0)))
     }
 
     /// One all-or-none attempt on several mutexes, in one script (a single
@@ -462,17 +469,12 @@ impl RedisBackend {
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
         let wakers = self.wakers();
         self.call("release", |mut c| async move {
-            wakers
-                .release
-                .key(&keys.lock)
-                .key(&keys.channel)
-                .arg(token)
-                .arg(kind_flag(keys.kind.shared()))
+            release_invocation(wakers, keys, token)
                 .invoke_async::<i64>(&mut c)
                 .await
         })
         .await
-        .map(|n| n == 1)
+        .map(|n| n >= 1)
     }
 
     /// Releases several mutexes of one acquisition in one script (one
@@ -841,13 +843,7 @@ impl Drop for InDoubt {
             for keys in &keys {
                 let first = tokio::time::timeout(
                     backend.shared.settings.op_timeout,
-                    backend
-                        .wakers()
-                        .release
-                        .key(&keys.lock)
-                        .key(&keys.channel)
-                        .arg(&token)
-                        .arg(kind_flag(keys.kind.shared()))
+                    release_invocation(backend.wakers(), keys, &token)
                         .invoke_async::<i64>(&mut conn),
                 )
                 .await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::{Script, Value};
 
 use super::millis;
-use crate::backend::{Attempt, AttemptAll, RawHolder, Snapshot};
+use crate::backend::{Attempt, AttemptAll, RawHolder, Request, Snapshot};
 use crate::error::{Error, Result};
 use crate::inspect::Role;
 use crate::key::{Keys, LockKind};
@@ -278,6 +278,127 @@ return ok
 "
 );
 
+/// Lua that defines the line of a fair mutex: `nowms` (the server's clock),
+/// `leave(token)` (drops a token's ticket; its entry in the line is skipped
+/// when it comes first) and `first()` (drops the dead entries at the head of
+/// the line and returns the first live one, as `expiry, token`, or nil).
+/// Expects `KEYS[LINE]` and `KEYS[TICKETS]`.
+macro_rules! line {
+    () => {
+        concat!(
+            now_ms!(),
+            r"
+local function leave(token)
+  redis.call('zrem', KEYS[TICKETS], token)
+end
+local function first()
+  while true do
+    local entry = redis.call('lindex', KEYS[LINE], 0)
+    if not entry then return nil end
+    local px, token = string.match(entry, '^(%d+):(.*)$')
+    local until_ms = token and redis.call('zscore', KEYS[TICKETS], token)
+    if until_ms and tonumber(until_ms) > nowms then return px, token end
+    redis.call('lpop', KEYS[LINE])
+    if token then redis.call('zrem', KEYS[TICKETS], token) end
+  end
+end
+"
+        )
+    };
+}
+
+/// Acquire a fair mutex: take it when it is free and this token is first in
+/// line (or the line is empty); otherwise join the line, or keep this token's
+/// place in it, with a ticket that lives `ARGV[4]` ms (`0`: do not join, a
+/// single attempt).
+///
+/// KEYS: lock, fence, line, tickets, then the expiry register (when ARGV[5]
+/// is `1`). ARGV: token, expiry ms, fence ttl ms, ticket ms, `1` to read the
+/// register.
+/// Returns `{1, fence, register}` when acquired (also when the lock already
+/// holds our token: handed over by a release, or a retried attempt),
+/// `{0, ms left, register, fence counter}` when not, `{2, type}` for a key of
+/// another type. The fencing counter in a refusal (created from the server's
+/// clock if missing, as when minting) tells a waiter which handovers came
+/// before it: a handover message with a token at most that is stale.
+const ACQUIRE_FAIR: &str = concat!(
+    "local FENCE, FTTL, LINE, TICKETS = 2, 3, 3, 4\n",
+    register!(),
+    line!(),
+    r"
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'string' and kind ~= 'none' then return {2, kind} end
+if kind == 'string' then
+  if redis.call('get', KEYS[1]) == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    leave(ARGV[1])
+    return {1, redis.call('get', KEYS[2]) or '0', reg()}
+  end
+else
+  local _, head = first()
+  if not head or head == ARGV[1] then
+    redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    if head then redis.call('lpop', KEYS[LINE]) end
+    leave(ARGV[1])
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    r"
+    return {1, f, reg()}
+  end
+end
+if ARGV[4] ~= '0' then
+  local ticket = tonumber(ARGV[4])
+  if redis.call('zadd', KEYS[TICKETS], nowms + ticket, ARGV[1]) == 1 then
+    redis.call('rpush', KEYS[LINE], ARGV[2] .. ':' .. ARGV[1])
+  end
+  -- The line outlives every live ticket; a waiter with a shorter ticket
+  -- never shortens it.
+  local keep = math.floor(ticket * 1.5)
+  for i = LINE, TICKETS do
+    if redis.call('pttl', KEYS[i]) < keep then redis.call('pexpire', KEYS[i], keep) end
+  end
+end
+local seen = redis.call('get', KEYS[2])
+if not seen then
+  local t = redis.call('time')
+  seen = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('set', KEYS[2], seen, 'PX', ARGV[FTTL])
+end
+return {0, tostring(redis.call('pttl', KEYS[1])), reg(), seen}
+"
+);
+
+/// Release a fair mutex, or give up a place in its line: drop the token's
+/// ticket; if the lock holds the token, hand it to the first live ticket (set
+/// to that token for the expiry it asked, with a new fencing token, and
+/// publish `grant:<fence>:<token>`), or, with nobody in line, delete it and
+/// publish the released token.
+///
+/// KEYS: lock, channel, fence, line, tickets. ARGV: token, fence ttl ms.
+/// Returns `0` (not ours), `1` (released) or `2` (handed over).
+const RELEASE_FAIR: &str = concat!(
+    "local FENCE, FTTL, LINE, TICKETS = 3, 2, 4, 5\n",
+    line!(),
+    r"
+leave(ARGV[1])
+if redis.pcall('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local px, heir = first()
+if heir then
+  redis.call('lpop', KEYS[LINE])
+  leave(heir)
+  redis.call('set', KEYS[1], heir, 'PX', px)
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    r"
+  redis.call('publish', KEYS[2], 'grant:' .. f .. ':' .. heir)
+  return 2
+end
+redis.call('del', KEYS[1])
+redis.call('publish', KEYS[2], ARGV[1])
+return 1
+"
+);
+
 /// Release several mutexes of one acquisition at once: compare-and-delete
 /// each, then wake each one's waiters.
 ///
@@ -418,6 +539,7 @@ return out
 
 pub(super) struct Scripts {
     pub(super) exclusive: Script,
+    pub(super) fair: Script,
     pub(super) all: Script,
     pub(super) shared: Script,
     /// The scripts that wake waiters, publishing with PUBLISH: one server,
@@ -437,12 +559,13 @@ pub(super) struct Scripts {
 /// The three scripts that publish a release message.
 pub(super) struct Wakers {
     pub(super) release: Script,
+    pub(super) release_fair: Script,
     pub(super) release_all: Script,
     pub(super) force_unlock: Script,
 }
 
 /// The scripts that publish, in the order of [`Wakers`]' fields.
-const WAKERS: [&str; 3] = [RELEASE, RELEASE_ALL, FORCE_UNLOCK];
+const WAKERS: [&str; 4] = [RELEASE, RELEASE_FAIR, RELEASE_ALL, FORCE_UNLOCK];
 
 /// `source` publishing with SPUBLISH instead of PUBLISH. The channel is one
 /// of the script's keys, so it hashes to the slot the script runs on.
@@ -451,10 +574,11 @@ fn sharded(source: &str) -> String {
 }
 
 impl Wakers {
-    fn new(sources: [&str; 3]) -> Self {
-        let [release, release_all, force_unlock] = sources.map(Script::new);
+    fn new(sources: [&str; 4]) -> Self {
+        let [release, release_fair, release_all, force_unlock] = sources.map(Script::new);
         Wakers {
             release,
+            release_fair,
             release_all,
             force_unlock,
         }
@@ -463,6 +587,7 @@ impl Wakers {
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     exclusive: Script::new(ACQUIRE_EXCLUSIVE),
+    fair: Script::new(ACQUIRE_FAIR),
     all: Script::new(ACQUIRE_ALL),
     shared: Script::new(ACQUIRE_SHARED),
     publish: Wakers::new(WAKERS),
@@ -477,11 +602,13 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 /// Every script's source but the SPUBLISH variants, for [`preload`] (a unit
 /// test checks that, with those, it names every script of [`SCRIPTS`]).
-const SOURCES: [&str; 12] = [
+const SOURCES: [&str; 14] = [
     ACQUIRE_EXCLUSIVE,
+    ACQUIRE_FAIR,
     ACQUIRE_ALL,
     ACQUIRE_SHARED,
     RELEASE,
+    RELEASE_FAIR,
     RELEASE_ALL,
     EXTEND_MANY,
     COUNT,
@@ -509,13 +636,36 @@ pub(super) async fn preload(conn: &mut super::Conn) -> redis::RedisResult<()> {
 /// The acquire invocation for a kind of lock; with `register`, the script
 /// also returns the expiry register's value.
 pub(super) fn acquire_invocation<'a>(
-    keys: &Keys,
-    token: &str,
-    expiry: Duration,
-    intent: Duration,
+    req: Request<'_>,
     register: Option<&str>,
 ) -> redis::ScriptInvocation<'a> {
+    let Request {
+        keys,
+        token,
+        expiry,
+        intent,
+        ticket,
+    } = req;
     let px = millis(expiry);
+    if keys.fair() {
+        let mut inv = SCRIPTS.fair.prepare_invoke();
+        inv.key(&keys.lock)
+            .key(&keys.fence)
+            .key(&keys.line)
+            .key(&keys.tickets);
+        if let Some(register) = register {
+            inv.key(register);
+        }
+        inv.arg(token)
+            .arg(px)
+            .arg(FENCE_TTL_MS)
+            // Zero, not `millis`'s smallest 1 ms: a single attempt never
+            // joins the line (a ticket would be handed the lock by a release
+            // within that millisecond, with nobody waiting to take it).
+            .arg(if ticket.is_zero() { 0 } else { millis(ticket) })
+            .arg(if register.is_some() { "1" } else { "0" });
+        return inv;
+    }
     let (script, extra, fourth) = match keys.kind {
         LockKind::Mutex => (&SCRIPTS.exclusive, [None, None], 0),
         LockKind::Write => (
@@ -539,6 +689,41 @@ pub(super) fn acquire_invocation<'a>(
         .arg(FENCE_TTL_MS)
         .arg(fourth)
         .arg(if register.is_some() { "1" } else { "0" });
+    inv
+}
+
+/// The fencing counter a fair mutex's refusal reports (`0` otherwise).
+pub(super) fn parse_seen(reply: &[Value]) -> u64 {
+    reply
+        .get(3)
+        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The release invocation for a lock: a fair mutex's also hands the lock to
+/// the first in line.
+pub(super) fn release_invocation<'a>(
+    wakers: &'a Wakers,
+    keys: &Keys,
+    token: &str,
+) -> redis::ScriptInvocation<'a> {
+    if keys.fair() {
+        let mut inv = wakers.release_fair.prepare_invoke();
+        inv.key(&keys.lock)
+            .key(&keys.channel)
+            .key(&keys.fence)
+            .key(&keys.line)
+            .key(&keys.tickets)
+            .arg(token)
+            .arg(FENCE_TTL_MS);
+        return inv;
+    }
+    let mut inv = wakers.release.prepare_invoke();
+    inv.key(&keys.lock)
+        .key(&keys.channel)
+        .arg(token)
+        .arg(kind_flag(keys.kind.shared()));
     inv
 }
 
@@ -730,6 +915,7 @@ mod tests {
         // No `..`: a new script is a compile error here until it is listed.
         let Scripts {
             exclusive,
+            fair,
             all,
             shared,
             publish,
@@ -743,12 +929,15 @@ mod tests {
         } = &*SCRIPTS;
         for (name, script) in [
             ("exclusive", exclusive),
+            ("fair", fair),
             ("all", all),
             ("shared", shared),
             ("release", &publish.release),
+            ("release_fair", &publish.release_fair),
             ("release_all", &publish.release_all),
             ("force_unlock", &publish.force_unlock),
             ("sharded release", &spublish.release),
+            ("sharded release_fair", &spublish.release_fair),
             ("sharded release_all", &spublish.release_all),
             ("sharded force_unlock", &spublish.force_unlock),
             ("extend_many", extend_many),
