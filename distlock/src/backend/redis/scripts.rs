@@ -315,6 +315,8 @@ end
 /// KEYS: lock, fence, line, tickets, then the expiry register (when ARGV[5]
 /// is `1`). ARGV: token, expiry ms, fence ttl ms, ticket ms, `1` to read the
 /// register.
+/// With nobody in line, a free lock is taken with `SET NX` first, as a plain
+/// mutex is.
 /// Returns `{1, fence, register}` when acquired (also when the lock already
 /// holds our token: handed over by a release, or a retried attempt),
 /// `{0, ms left, register, fence counter}` when not, `{2, type}` for a key of
@@ -324,6 +326,15 @@ end
 const ACQUIRE_FAIR: &str = concat!(
     "local FENCE, FTTL, LINE, TICKETS = 2, 3, 3, 4\n",
     register!(),
+    r"
+if redis.call('exists', KEYS[LINE]) == 0
+  and redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    r"
+  return {1, f, reg()}
+end
+",
     line!(),
     r"
 local kind = redis.call('type', KEYS[1])['ok']
@@ -375,9 +386,18 @@ return {0, tostring(redis.call('pttl', KEYS[1])), reg(), seen}
 /// publish the released token.
 ///
 /// KEYS: lock, channel, fence, line, tickets. ARGV: token, fence ttl ms.
-/// Returns `0` (not ours), `1` (released) or `2` (handed over).
+/// Returns `0` (not ours), `1` (released) or `2` (handed over). With no line,
+/// it is a plain mutex's release.
 const RELEASE_FAIR: &str = concat!(
     "local FENCE, FTTL, LINE, TICKETS = 3, 2, 4, 5\n",
+    r"
+if redis.call('exists', KEYS[LINE]) == 0 then
+  if redis.pcall('get', KEYS[1]) ~= ARGV[1] then return 0 end
+  redis.call('del', KEYS[1])
+  redis.call('publish', KEYS[2], ARGV[1])
+  return 1
+end
+",
     line!(),
     r"
 leave(ARGV[1])
