@@ -21,11 +21,12 @@ mod kw {
     syn::custom_keyword!(expiry);
     syn::custom_keyword!(locker);
     syn::custom_keyword!(semaphore);
+    syn::custom_keyword!(fair);
 }
 
 /// Every option, in the order the docs give them.
 const OPTIONS: &str =
-    "`key`, `keys`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `semaphore`, `locker`, `crate`";
+    "`key`, `keys`, `timeout`, `on_busy`, `at_least`, `at_most`, `expiry`, `semaphore`, `fair`, `locker`, `crate`";
 
 /// The core's check of a hold bound (`at_most`, `at_least`), as
 /// `distlock`'s `check_hold`: `at_least` may be zero, `at_most` may not.
@@ -55,6 +56,8 @@ pub(crate) struct Args {
     pub(crate) krate: Option<Path>,
     /// `semaphore = N`: N holders at once instead of one.
     pub(crate) semaphore: Option<u32>,
+    /// `fair = true`: waiters queue on the server (`Lock::fair`).
+    pub(crate) fair: bool,
 }
 
 /// `on_busy = "..."`.
@@ -81,6 +84,8 @@ struct Builder {
     krate: Option<Path>,
     /// With the span of the option's name.
     semaphore: Option<(u32, Span)>,
+    /// With the span of the option's name.
+    fair: Option<(bool, Span)>,
 }
 
 impl Parse for Args {
@@ -171,6 +176,10 @@ impl Parse for Args {
                     name.span,
                     "semaphore",
                 )?;
+            } else if lookahead.peek(kw::fair) {
+                let name = input.parse::<kw::fair>()?;
+                let lit = value::<syn::LitBool>(input, "fair", "true")?;
+                set(&mut b.fair, (lit.value, name.span), name.span, "fair")?;
             } else if input.peek(Ident::peek_any) {
                 let name = input.call(Ident::parse_any)?;
                 return Err(syn::Error::new(
@@ -200,6 +209,12 @@ impl Builder {
             }
             (Some(key), None) => (vec![key], false),
             (None, Some((keys, _))) => {
+                if let Some((true, span)) = self.fair {
+                    return Err(syn::Error::new(
+                        span,
+                        "`fair` applies to one `key`: `keys` takes every key at once, with no line",
+                    ));
+                }
                 if let Some((_, span)) = self.semaphore {
                     return Err(syn::Error::new(
                         span,
@@ -215,6 +230,12 @@ impl Builder {
                 ))
             }
         };
+        if let (Some((true, span)), Some(_)) = (self.fair, self.semaphore) {
+            return Err(syn::Error::new(
+                span,
+                "`fair` applies to a mutex: a `semaphore` has no line",
+            ));
+        }
         let on_busy = self.on_busy.unwrap_or(OnBusy::Wait);
         if let (Some((_, span)), OnBusy::Skip | OnBusy::Reject) = (self.timeout, on_busy) {
             return Err(syn::Error::new(
@@ -233,6 +254,7 @@ impl Builder {
             locker: self.locker,
             krate: self.krate,
             semaphore: self.semaphore.map(|(n, _)| n),
+            fair: self.fair.is_some_and(|(f, _)| f),
         })
     }
 }
@@ -298,10 +320,17 @@ fn value<T: Parse>(input: ParseStream<'_>, name: &str, example: &str) -> syn::Re
     let fork = input.fork();
     match input.parse::<T>() {
         Ok(v) => Ok(v),
-        Err(_) => Err(syn::Error::new(
-            fork.span(),
-            format!("`{name}` expects a string literal, like `{name} = {example}`"),
-        )),
+        Err(_) => {
+            let what = match example.chars().next() {
+                Some('"') => "a string literal",
+                Some('t' | 'f') => "`true` or `false`",
+                _ => "a number",
+            };
+            Err(syn::Error::new(
+                fork.span(),
+                format!("`{name}` expects {what}, like `{name} = {example}`"),
+            ))
+        }
     }
 }
 

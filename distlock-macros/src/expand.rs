@@ -243,6 +243,7 @@ fn expand(
         Some(n) => quote!(::core::option::Option::Some(#n)),
         None => quote!(::core::option::Option::None),
     };
+    let fair = args.fair;
     let run = match args.on_busy {
         OnBusy::Skip => quote!(run_or_skip),
         OnBusy::Wait | OnBusy::Reject => quote!(run),
@@ -252,7 +253,7 @@ fn expand(
     let call = |body: TokenStream| {
         quote_spanned! {ret.span()=>
             #krate::__private::#run(
-                #krate::__private::Call { locker: #locker, key: #key, keys: #many, name: #name, permits: #permits, policy: #policy },
+                #krate::__private::Call { locker: #locker, key: #key, keys: #many, name: #name, permits: #permits, fair: #fair, policy: #policy },
                 async move { #fake_return #body },
             ).await
         }

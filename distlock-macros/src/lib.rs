@@ -72,6 +72,7 @@ mod template;
 /// | `at_most = "10m"` | none: no limit | Cancel the body once it has held the lock this long: it is dropped, and the call returns `Err(Error::Lost)` with `LostReason::MaxHold`. |
 /// | `expiry = "30s"` | the locker's (30 s unless configured) | The lease expiry: how long the key outlives a crashed holder. The lease renews every third of it. 100 ms to 24 h. |
 /// | `semaphore = 3` | none: a mutex | Take one of N permits of a distributed semaphore on the key instead of the mutex: up to N calls run at once across every replica (see `distlock::Semaphore`). Every user of the key must agree on N. |
+/// | `fair = true` | `false` | Calls on one key run in arrival order across every replica, and a release hands the lock to the next caller on the server (see `distlock::Lock::fair`). Give it to every user of the key. Not with `keys` or `semaphore`. |
 /// | `locker = <expr>` | the default locker | Where the `Locker` comes from: any expression valid at the top of the body that gives a `Locker`, a `&Locker` or an `Arc<Locker>` (`locker = self.locks`, `locker = state.locker`, `locker = locker`). Without it, the process-wide default set once with `distlock::set_default(locker)`; if none was set, the call returns `Err(Error::Config)` (never a panic). |
 /// | `crate = "path"` | `"distlock"` | The path to distlock, if the dependency is renamed (`crate = "my_distlock"`). |
 ///

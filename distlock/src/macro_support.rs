@@ -91,6 +91,8 @@ pub struct Call {
     pub name: &'static str,
     /// `semaphore = N`.
     pub permits: Option<u32>,
+    /// `fair = true`.
+    pub fair: bool,
     /// The other options.
     pub policy: Policy,
 }
@@ -118,7 +120,7 @@ impl Call {
         let (ran, label) = if self.keys.is_empty() {
             let lock = match self.permits {
                 Some(n) => locker.semaphore(self.key, n).into_lock(),
-                None => locker.lock(self.key),
+                None => locker.lock(self.key).fair(self.fair),
             }
             .name(self.name);
             (lock.run(&self.policy, work).await, Label::One(lock))

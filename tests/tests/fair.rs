@@ -313,3 +313,91 @@ async fn in_memory_a_fair_lock_is_an_ordinary_lock() {
     g.release().await.unwrap();
     assert!(lock.try_acquire().await.unwrap().is_some());
 }
+
+#[distlock::distributed_lock(key = "fair:macro:{id}", fair = true, timeout = "10s", locker = locker)]
+async fn withdraw(locker: &Locker, id: u32, hold: Duration) -> Result<(), distlock::Error> {
+    let _ = (locker, id);
+    tokio::time::sleep(hold).await;
+    Ok(())
+}
+
+/// `#[distributed_lock(fair = true)]` waits in the line on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_macro_waits_in_the_line_with_fair() {
+    let server = RedisServer::start().await;
+    let (a, b) = (locker(&server).await, locker(&server).await);
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { withdraw(&a, 7, Duration::from_millis(500)).await }
+    });
+    let deadline = Instant::now() + BOUND;
+    while !server.exists("distlock:{fair:macro:7}").await {
+        assert!(
+            Instant::now() < deadline,
+            "the first call never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = tokio::spawn({
+        let b = b.clone();
+        async move { withdraw(&b, 7, Duration::ZERO).await }
+    });
+    line_holds(&server, "fair:macro:7", 1).await;
+    timeout(BOUND, first).await.unwrap().unwrap().unwrap();
+    timeout(BOUND, second).await.unwrap().unwrap().unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// `LockLayer::fair(true)`: requests on one key wait in the line on the
+/// server, across replicas (two layers with their own lockers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tower_layer_queues_requests_in_the_line_with_fair() {
+    use tower::{service_fn, Layer, ServiceExt};
+
+    let server = RedisServer::start().await;
+    let (a, b) = (locker(&server).await, locker(&server).await);
+    let layer = |l: &Locker| {
+        distlock_tower::LockLayer::new(l.clone(), tower_key as fn(&Job) -> Option<String>)
+            .fair(true)
+    };
+    let handler = service_fn(|job: Job| async move {
+        tokio::time::sleep(job.hold).await;
+        Ok::<_, distlock::Error>(())
+    });
+    let svc_a = layer(&a).layer(handler);
+    let svc_b = layer(&b).layer(handler);
+    let first = tokio::spawn(svc_a.oneshot(Job {
+        account: 3,
+        hold: Duration::from_millis(500),
+    }));
+    let deadline = Instant::now() + BOUND;
+    while !server.exists("distlock:{fair:tower:3}").await {
+        assert!(
+            Instant::now() < deadline,
+            "the first request never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = tokio::spawn(svc_b.oneshot(Job {
+        account: 3,
+        hold: Duration::ZERO,
+    }));
+    line_holds(&server, "fair:tower:3", 1).await;
+    timeout(BOUND, first).await.unwrap().unwrap().unwrap();
+    timeout(BOUND, second).await.unwrap().unwrap().unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// A request of the tower test: an account, and how long its handler takes.
+struct Job {
+    account: u32,
+    hold: Duration,
+}
+
+impl distlock_tower::LockRequest for Job {}
+
+fn tower_key(job: &Job) -> Option<String> {
+    Some(format!("fair:tower:{}", job.account))
+}
