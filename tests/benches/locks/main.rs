@@ -17,6 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed run
 
 mod floor;
+mod handoff;
 mod latency;
 mod measure;
 mod probe;
@@ -193,7 +194,7 @@ async fn run(cfg: Config) {
     );
 
     type Scenario = fn(&Env) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Row>> + '_>>;
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("P1", |e| Box::pin(throughput::p1(e))),
         ("P2", |e| Box::pin(throughput::p2(e))),
         ("P3", |e| Box::pin(latency::p3(e))),
@@ -203,6 +204,7 @@ async fn run(cfg: Config) {
         ("P7", |e| Box::pin(scale::p7(e))),
         ("P8", |e| Box::pin(scale::p8(e))),
         ("P9", |e| Box::pin(transfer::p9(e))),
+        ("P10", |e| Box::pin(handoff::p10(e))),
     ];
     let mut rows = Vec::new();
     for (id, scenario) in scenarios {
