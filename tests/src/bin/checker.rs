@@ -256,6 +256,9 @@ struct WorkerPlan {
     /// Percentage of single `try_acquire` attempts (the others wait).
     try_percent: u32,
     runtimes: Runtimes,
+    /// Mutexes taken with `Lock::fair` (a line on the server, handovers).
+    #[serde(default)]
+    fair: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,6 +307,8 @@ impl RoundConfig {
         let workers = o.workers.unwrap_or(workers);
         // In one round in two, a worker disagrees on `max` (where it may).
         let disagree = rng.bool();
+        // Drawn apart, so that the other draws of a seed stay what they were.
+        let mut fair = fastrand::Rng::with_seed(seed ^ 0xfa1e);
         let max_expiry = u64::try_from(o.max_expiry.as_millis()).unwrap_or(2000);
         let plans = (0..workers)
             .map(|id| {
@@ -342,6 +347,7 @@ impl RoundConfig {
                     cancel_release_percent: *rng.choice(&[0, 5, 15]).unwrap(),
                     try_percent: *rng.choice(&[0, 20, 50]).unwrap(),
                     runtimes,
+                    fair: fair.bool(),
                 }
             })
             .collect();
@@ -395,6 +401,7 @@ impl RoundConfig {
                     w.op_timeout_ms,
                     w.tasks,
                     match self.primitive {
+                        Primitive::Mutex if w.fair => ", fair".to_owned(),
                         Primitive::Mutex | Primitive::Multi => String::new(),
                         Primitive::Semaphore => format!(", max {}", w.max),
                         Primitive::Rwlock => format!(", {}% reads", w.read_percent),
@@ -1089,7 +1096,12 @@ async fn leftovers(servers: &[RedisServer], max_expiry: Duration) -> Vec<Leftove
                 if key.ends_with(":fence") || key.ends_with("~expiry-register") {
                     continue;
                 }
-                let aux = key.ends_with(":sem:max") || key.ends_with(":rw:i");
+                // A fair mutex's line outlives its last ticket by half a
+                // ticket's life, under an expiry.
+                let aux = key.ends_with(":sem:max")
+                    || key.ends_with(":rw:i")
+                    || key.ends_with(":line")
+                    || key.ends_with(":tickets");
                 if holders_only && aux {
                     continue;
                 }
@@ -1696,7 +1708,7 @@ async fn attempt(
         return got.map(|g| g.map(Guard::Many));
     }
     let lock = match access {
-        Access::Mutex => locker.lock(key),
+        Access::Mutex => locker.lock(key).fair(o.plan.fair),
         Access::Semaphore => {
             let sem = locker.semaphore(key, o.plan.max);
             let try_it = rng.u32(..100) < o.plan.try_percent;
