@@ -82,14 +82,13 @@ impl RedisBackend {
         };
         if let Some(feed) = slot.take() {
             let sharded = self.sharded() && matches!(feed.0, PubSubSource::Cluster(_));
-            let lent = Lent::new(s, |s| &s.pubsub, feed);
-            let (hub, shutdown, settings) =
-                (Arc::clone(&s.hub), s.shutdown.clone(), s.settings.clone());
-            if sharded {
-                rt.spawn(sharded_task(lent, hub, shutdown, settings));
-            } else {
-                rt.spawn(pubsub_task(lent, hub, shutdown, settings));
-            }
+            rt.spawn(pubsub_task(
+                Lent::new(s, |s| &s.pubsub, feed),
+                Arc::clone(&s.hub),
+                s.shutdown.clone(),
+                s.settings.clone(),
+                sharded,
+            ));
         }
     }
 }
@@ -179,12 +178,18 @@ async fn watch_sentinel(
 
 /// Keeps one pub/sub connection: subscribes and unsubscribes in the order asked,
 /// turns messages into wake-ups, and reconnects (resubscribing, and waking every
-/// waiter in case a message was missed) when the connection drops.
+/// waiter in case a message was missed) when the connection drops. With
+/// `sharded` (a cluster whose nodes run SPUBLISH), the connection is a RESP3
+/// cluster connection that sends each `SSUBSCRIBE` to the node owning the
+/// channel's slot and subscribes again after reconnecting to a node or
+/// learning new slots; its messages reach the hub from inside the
+/// connection's own driver (a push sender), with no task in between.
 async fn pubsub_task(
     mut lent: Lent<(PubSubSource, mpsc::UnboundedReceiver<SubCmd>)>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     settings: RedisSettings,
+    sharded: bool,
 ) {
     let Some((source, cmds)) = lent.value.as_mut() else {
         return;
@@ -194,17 +199,12 @@ async fn pubsub_task(
     loop {
         let attempt = next;
         next = next.wrapping_add(1);
-        let connect = async {
-            match source.client(attempt).await {
-                Some(client) => client.get_async_pubsub().await.ok(),
-                None => None,
-            }
-        };
+        let connect = Listener::connect(source, attempt, sharded, &hub, &settings);
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = tokio::time::timeout(settings.connect_timeout, connect) => r,
         };
-        let Ok(Some(pubsub)) = connected else {
+        let Ok(Some((mut sink, mut stream))) = connected else {
             tracing::debug!("pub/sub connection failed; waiters fall back to timers");
             // Answer pending subscriptions at once so waiters use their timers.
             while let Ok(cmd) = cmds.try_recv() {
@@ -220,10 +220,9 @@ async fn pubsub_task(
             continue;
         };
         backoff = Duration::from_millis(50);
-        let (mut sink, mut stream) = pubsub.split();
         let mut healthy = true;
         for channel in hub.channels() {
-            if sink.subscribe(&channel).await.is_err() {
+            if !sink.subscribe(&channel, settings.op_timeout).await {
                 healthy = false;
                 break;
             }
@@ -235,22 +234,16 @@ async fn pubsub_task(
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(SubCmd::Subscribe(channel, ack)) => {
-                        let ok = matches!(
-                            tokio::time::timeout(settings.op_timeout, sink.subscribe(&channel)).await,
-                            Ok(Ok(()))
-                        );
+                        let ok = sink.subscribe(&channel, settings.op_timeout).await;
                         let _ = ack.send(ok);
                         healthy = ok;
                     }
                     Some(SubCmd::Reconnect) => healthy = false,
                     Some(SubCmd::Unsubscribe(channel)) => {
-                        healthy = matches!(
-                            tokio::time::timeout(settings.op_timeout, sink.unsubscribe(&channel)).await,
-                            Ok(Ok(()))
-                        );
+                        healthy = sink.unsubscribe(&channel, settings.op_timeout).await;
                     }
                 },
-                msg = stream.next() => match msg {
+                msg = next_message(&mut stream) => match msg {
                     Some(msg) => hub.notify_message(msg.get_channel_name(), msg.get_payload_bytes()),
                     None => healthy = false,
                 },
@@ -260,102 +253,88 @@ async fn pubsub_task(
     }
 }
 
-/// Cluster mode with sharded pub/sub: one RESP3 cluster connection, which
-/// sends each `SSUBSCRIBE` to the node that owns the channel's slot and
-/// subscribes again after reconnecting to a node or learning new slots. Its
-/// messages reach the hub from inside the connection's own driver (a push
-/// sender), with no task in between. Subscribes and unsubscribes in the
-/// order asked; connects again (resubscribing, and waking every waiter in
-/// case a message was missed) when a command on it fails.
-async fn sharded_task(
-    mut lent: Lent<(PubSubSource, mpsc::UnboundedReceiver<SubCmd>)>,
-    hub: Arc<Hub>,
-    shutdown: CancellationToken,
-    settings: RedisSettings,
-) {
-    let Some((PubSubSource::Cluster(nodes), cmds)) = lent.value.as_mut() else {
-        return;
-    };
-    let infos: Vec<redis::ConnectionInfo> = nodes
-        .iter()
-        .map(|c| c.get_connection_info().clone())
-        .collect();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let deliver = {
-            let hub = Arc::downgrade(&hub);
-            move |push: PushInfo| -> Result<(), ()> {
-                if let Some(hub) = hub.upgrade() {
-                    deliver(&hub, push);
-                }
-                Ok(())
+/// Where subscriptions are made: a classic pub/sub connection, or a sharded
+/// cluster connection.
+enum Listener {
+    Classic(redis::aio::PubSubSink),
+    Sharded(Box<redis::cluster_async::ClusterConnection>),
+}
+
+impl Listener {
+    /// Connects, for the `attempt`th time: the listener, and the stream of
+    /// messages of a classic one (a sharded one delivers to the hub itself).
+    async fn connect(
+        source: &PubSubSource,
+        attempt: usize,
+        sharded: bool,
+        hub: &Arc<Hub>,
+        settings: &RedisSettings,
+    ) -> Option<(Listener, Option<redis::aio::PubSubStream>)> {
+        match source {
+            PubSubSource::Cluster(nodes) if sharded => {
+                let infos: Vec<redis::ConnectionInfo> = nodes
+                    .iter()
+                    .map(|c| c.get_connection_info().clone())
+                    .collect();
+                let hub = Arc::downgrade(hub);
+                let deliver = move |push: PushInfo| -> Result<(), ()> {
+                    if let Some(hub) = hub.upgrade() {
+                        deliver(&hub, push);
+                    }
+                    Ok(())
+                };
+                let conn = redis::cluster::ClusterClientBuilder::new(infos)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(deliver)
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.op_timeout)
+                    .build()
+                    .ok()?
+                    .get_async_connection()
+                    .await
+                    .ok()?;
+                Some((Listener::Sharded(Box::new(conn)), None))
             }
-        };
-        let connect = async {
-            redis::cluster::ClusterClientBuilder::new(infos.clone())
-                .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(deliver)
-                .connection_timeout(settings.connect_timeout)
-                .response_timeout(settings.op_timeout)
-                .build()
-                .ok()?
-                .get_async_connection()
-                .await
-                .ok()
-        };
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(settings.connect_timeout, connect) => r,
-        };
-        let Ok(Some(mut conn)) = connected else {
-            tracing::debug!("sharded pub/sub connection failed; waiters fall back to timers");
-            while let Ok(cmd) = cmds.try_recv() {
-                if let SubCmd::Subscribe(_, ack) = cmd {
-                    let _ = ack.send(false);
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            continue;
-        };
-        backoff = Duration::from_millis(50);
-        let mut healthy = true;
-        for channel in hub.channels() {
-            let subscribed =
-                tokio::time::timeout(settings.op_timeout, conn.ssubscribe(&channel)).await;
-            if !matches!(subscribed, Ok(Ok(()))) {
-                healthy = false;
-                break;
+            _ => {
+                let (sink, stream) = source
+                    .client(attempt)
+                    .await?
+                    .get_async_pubsub()
+                    .await
+                    .ok()?
+                    .split();
+                Some((Listener::Classic(sink), Some(stream)))
             }
         }
-        hub.notify_all();
-        while healthy {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                cmd = cmds.recv() => match cmd {
-                    None => return,
-                    Some(SubCmd::Subscribe(channel, ack)) => {
-                        let ok = matches!(
-                            tokio::time::timeout(settings.op_timeout, conn.ssubscribe(&channel)).await,
-                            Ok(Ok(()))
-                        );
-                        let _ = ack.send(ok);
-                        healthy = ok;
-                    }
-                    Some(SubCmd::Reconnect) => healthy = false,
-                    Some(SubCmd::Unsubscribe(channel)) => {
-                        healthy = matches!(
-                            tokio::time::timeout(settings.op_timeout, conn.sunsubscribe(&channel)).await,
-                            Ok(Ok(()))
-                        );
-                    }
-                },
+    }
+
+    /// Subscribes to `channel`; false if that failed or took over `limit`.
+    async fn subscribe(&mut self, channel: &str, limit: Duration) -> bool {
+        let done = match self {
+            Listener::Classic(sink) => tokio::time::timeout(limit, sink.subscribe(channel)).await,
+            Listener::Sharded(conn) => tokio::time::timeout(limit, conn.ssubscribe(channel)).await,
+        };
+        matches!(done, Ok(Ok(())))
+    }
+
+    /// Unsubscribes from `channel`; false if that failed or took over `limit`.
+    async fn unsubscribe(&mut self, channel: &str, limit: Duration) -> bool {
+        let done = match self {
+            Listener::Classic(sink) => tokio::time::timeout(limit, sink.unsubscribe(channel)).await,
+            Listener::Sharded(conn) => {
+                tokio::time::timeout(limit, conn.sunsubscribe(channel)).await
             }
-        }
-        tracing::debug!("sharded pub/sub connection failed; connecting again");
+        };
+        matches!(done, Ok(Ok(())))
+    }
+}
+
+/// The next message of a classic connection (`None`: it closed); never, for
+/// a sharded one.
+async fn next_message(stream: &mut Option<redis::aio::PubSubStream>) -> Option<redis::Msg> {
+    match stream {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
     }
 }
 
