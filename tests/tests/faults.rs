@@ -1012,3 +1012,42 @@ async fn close_fails_every_waiter_releases_every_lease_and_stops_every_task() {
     })
     .await;
 }
+
+/// Release messages come as RESP3 pushes, which redis-rs's connection driver
+/// hands to the waiters itself (one task fewer between a release and its
+/// waiter than a RESP2 pub/sub connection): the subscribed connection says
+/// `resp=3`, and a waiter of another locker wakes on the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_messages_arrive_as_resp3_pushes() {
+    let server = RedisServer::start().await;
+    let a = Locker::connect(&server.url()).await.unwrap();
+    let b = Locker::builder()
+        .url(server.url())
+        .retry_backoff(Duration::from_secs(5), Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let held = a.lock("resp3").acquire().await.unwrap();
+    let waiter = tokio::spawn({
+        let lock = b.lock("resp3");
+        async move { lock.acquire_timeout(Duration::from_secs(3)).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let subscribed = loop {
+        let mut conn = server.conn().await;
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(line) = clients.lines().find(|l| l.contains(" sub=1 ")) {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "nobody subscribed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(subscribed.contains(" resp=3"), "{subscribed}");
+    held.release().await.unwrap();
+    let guard = waiter.await.unwrap().unwrap();
+    guard.release().await.unwrap();
+}
