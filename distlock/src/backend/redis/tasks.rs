@@ -295,8 +295,8 @@ impl Feed {
 
 impl Listener {
     /// Connects, for the `attempt`th time: the listener, and how it feeds
-    /// the hub. A server that refuses RESP3 (before Redis 6, or an ACL
-    /// without `HELLO`) gets a classic connection, now and from then on
+    /// the hub. A server that refuses RESP3 (`HELLO 3`: before Redis 6)
+    /// gets a classic connection, now and from then on
     /// (`pushes` turns false).
     async fn connect(
         source: &PubSubSource,
