@@ -196,17 +196,15 @@ async fn pubsub_task(
     };
     let mut backoff = Duration::from_millis(50);
     let mut next = 0usize;
-    // A classic connection tries RESP3 pushes until they fail once.
-    let mut pushes = true;
     loop {
         let attempt = next;
         next = next.wrapping_add(1);
-        let connect = Listener::connect(source, attempt, sharded, &mut pushes, &hub, &settings);
+        let connect = Listener::connect(source, attempt, sharded, &hub, &settings);
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = tokio::time::timeout(settings.connect_timeout, connect) => r,
         };
-        let Ok(Some((mut sink, mut feed))) = connected else {
+        let Ok(Some((mut sink, mut stream))) = connected else {
             tracing::debug!("pub/sub connection failed; waiters fall back to timers");
             // Answer pending subscriptions at once so waiters use their timers.
             while let Ok(cmd) = cmds.try_recv() {
@@ -245,67 +243,33 @@ async fn pubsub_task(
                         healthy = sink.unsubscribe(&channel, settings.op_timeout).await;
                     }
                 },
-                open = feed.next(&hub) => healthy = open,
+                msg = next_message(&mut stream) => match msg {
+                    Some(msg) => hub.notify_message(msg.get_channel_name(), msg.get_payload_bytes()),
+                    None => healthy = false,
+                },
             }
         }
         tracing::debug!("pub/sub connection lost; reconnecting");
     }
 }
 
-/// Where subscriptions are made: a RESP3 connection whose pushes reach the
-/// hub from inside its driver, a classic (RESP2) pub/sub connection, or a
-/// sharded cluster connection.
+/// Where subscriptions are made: a classic pub/sub connection, or a sharded
+/// cluster connection.
 enum Listener {
-    Pushed(redis::aio::MultiplexedConnection),
     Classic(redis::aio::PubSubSink),
     Sharded(Box<redis::cluster_async::ClusterConnection>),
 }
 
-/// How the task hears of messages (and of the connection closing).
-enum Feed {
-    /// A classic connection's messages, for the task to hand to the hub.
-    Stream(redis::aio::PubSubStream),
-    /// A RESP3 connection's driver hands messages to the hub itself; this
-    /// says when the connection closed.
-    Closed(mpsc::UnboundedReceiver<()>),
-    /// A cluster connection hands messages over and reconnects itself.
-    Nothing,
-}
-
-impl Feed {
-    /// Waits for the next message, handed to the hub, or for the connection
-    /// to close (`false`).
-    async fn next(&mut self, hub: &Hub) -> bool {
-        match self {
-            Feed::Stream(stream) => match stream.next().await {
-                Some(msg) => {
-                    hub.notify_message(msg.get_channel_name(), msg.get_payload_bytes());
-                    true
-                }
-                None => false,
-            },
-            Feed::Closed(closed) => {
-                let _ = closed.recv().await;
-                false
-            }
-            Feed::Nothing => std::future::pending().await,
-        }
-    }
-}
-
 impl Listener {
-    /// Connects, for the `attempt`th time: the listener, and how it feeds
-    /// the hub. A server that refuses RESP3 (`HELLO 3`: before Redis 6)
-    /// gets a classic connection, now and from then on
-    /// (`pushes` turns false).
+    /// Connects, for the `attempt`th time: the listener, and the stream of
+    /// messages of a classic one (a sharded one delivers to the hub itself).
     async fn connect(
         source: &PubSubSource,
         attempt: usize,
         sharded: bool,
-        pushes: &mut bool,
         hub: &Arc<Hub>,
         settings: &RedisSettings,
-    ) -> Option<(Listener, Feed)> {
+    ) -> Option<(Listener, Option<redis::aio::PubSubStream>)> {
         match source {
             PubSubSource::Cluster(nodes) if sharded => {
                 let infos: Vec<redis::ConnectionInfo> = nodes
@@ -329,75 +293,24 @@ impl Listener {
                     .get_async_connection()
                     .await
                     .ok()?;
-                Some((Listener::Sharded(Box::new(conn)), Feed::Nothing))
+                Some((Listener::Sharded(Box::new(conn)), None))
             }
             _ => {
-                let client = source.client(attempt).await?;
-                if *pushes {
-                    match Listener::pushed(&client, hub, settings).await {
-                        Ok(pushed) => return Some(pushed),
-                        Err(e) if e.is_connection_refusal() || e.is_timeout() => return None,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "RESP3 refused: a classic pub/sub connection instead");
-                            *pushes = false;
-                        }
-                    }
-                }
-                let (sink, stream) = client.get_async_pubsub().await.ok()?.split();
-                Some((Listener::Classic(sink), Feed::Stream(stream)))
+                let (sink, stream) = source
+                    .client(attempt)
+                    .await?
+                    .get_async_pubsub()
+                    .await
+                    .ok()?
+                    .split();
+                Some((Listener::Classic(sink), Some(stream)))
             }
         }
-    }
-
-    /// A RESP3 connection to `client`'s server whose release messages reach
-    /// the hub from inside the connection's driver.
-    async fn pushed(
-        client: &redis::Client,
-        hub: &Arc<Hub>,
-        settings: &RedisSettings,
-    ) -> redis::RedisResult<(Listener, Feed)> {
-        let info = client.get_connection_info().clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3))?;
-        let (closed_tx, closed) = mpsc::unbounded_channel();
-        let hub = Arc::downgrade(hub);
-        let deliver = move |push: PushInfo| -> Result<(), ()> {
-            match push.kind {
-                PushKind::Message => {
-                    if let (
-                        Some(hub),
-                        [redis::Value::BulkString(channel), redis::Value::BulkString(payload), ..],
-                    ) = (hub.upgrade(), push.data.as_slice())
-                    {
-                        if let Ok(channel) = std::str::from_utf8(channel) {
-                            hub.notify_message(channel, payload);
-                        }
-                    }
-                }
-                PushKind::Disconnection => {
-                    let _ = closed_tx.send(());
-                }
-                _ => {}
-            }
-            Ok(())
-        };
-        let config = redis::AsyncConnectionConfig::new()
-            .set_push_sender(deliver)
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.op_timeout));
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        Ok((Listener::Pushed(conn), Feed::Closed(closed)))
     }
 
     /// Subscribes to `channel`; false if that failed or took over `limit`.
     async fn subscribe(&mut self, channel: &str, limit: Duration) -> bool {
         let done = match self {
-            Listener::Pushed(conn) => tokio::time::timeout(limit, conn.subscribe(channel)).await,
             Listener::Classic(sink) => tokio::time::timeout(limit, sink.subscribe(channel)).await,
             Listener::Sharded(conn) => tokio::time::timeout(limit, conn.ssubscribe(channel)).await,
         };
@@ -407,13 +320,21 @@ impl Listener {
     /// Unsubscribes from `channel`; false if that failed or took over `limit`.
     async fn unsubscribe(&mut self, channel: &str, limit: Duration) -> bool {
         let done = match self {
-            Listener::Pushed(conn) => tokio::time::timeout(limit, conn.unsubscribe(channel)).await,
             Listener::Classic(sink) => tokio::time::timeout(limit, sink.unsubscribe(channel)).await,
             Listener::Sharded(conn) => {
                 tokio::time::timeout(limit, conn.sunsubscribe(channel)).await
             }
         };
         matches!(done, Ok(Ok(())))
+    }
+}
+
+/// The next message of a classic connection (`None`: it closed); never, for
+/// a sharded one.
+async fn next_message(stream: &mut Option<redis::aio::PubSubStream>) -> Option<redis::Msg> {
+    match stream {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
     }
 }
 
