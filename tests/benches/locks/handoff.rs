@@ -5,8 +5,10 @@
 //! the time the lock is held (utilization), how long a handover from one
 //! replica to the other takes (release sent → the other replica holds), in
 //! round trips of a `PING` measured in the same round, and how evenly the 16
-//! tasks share the lock (Jain's index). Then one task uncontended, fair
-//! against not, as the README calls it (`acquire_timeout` on a fresh `Lock`).
+//! tasks share the lock (Jain's index). The same through `distlock-tower`'s
+//! layer (two layers, one per replica, 8 clients each, the handler holding
+//! 1 ms). Then one task uncontended, fair against not, as the README calls it
+//! (`acquire_timeout` on a fresh `Lock`).
 
 use std::time::Duration;
 
@@ -96,6 +98,56 @@ async fn contended(lockers: &[Locker; 2], fair: bool, d: Duration) -> Round {
         },
         rtt: Duration::ZERO,
     }
+}
+
+/// A request of the tower arm (all lock the one hot key).
+#[derive(Clone)]
+struct Req;
+
+impl distlock_tower::LockRequest for Req {}
+
+/// The same workload through `LockLayer` (one per replica), the handler
+/// recording when it ran: how much of the time the lock is held.
+async fn through_tower(lockers: &[Locker; 2], fair: bool, d: Duration) -> f64 {
+    use tower::{service_fn, Layer, ServiceExt};
+
+    let sections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for locker in lockers {
+        let sections = sections.clone();
+        let handler = service_fn(move |_: Req| {
+            let sections = sections.clone();
+            async move {
+                let held = Instant::now();
+                tokio::time::sleep(HOLD).await;
+                sections
+                    .lock()
+                    .expect("sections")
+                    .push(Instant::now() - held);
+                Ok::<_, distlock::Error>(())
+            }
+        });
+        let key = |_: &Req| Some(KEY.to_owned());
+        let svc = distlock_tower::LockLayer::new(locker.clone(), key)
+            .fair(fair)
+            .layer(handler);
+        for _ in 0..TASKS {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                while start.elapsed() < d {
+                    svc.clone().oneshot(Req).await.expect("request");
+                    tokio::time::sleep(THINK).await;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let wall = start.elapsed();
+    let busy: Duration = sections.lock().expect("sections").iter().sum();
+    busy.as_secs_f64() / wall.as_secs_f64()
 }
 
 /// The median of 200 `PING`s.
@@ -209,6 +261,31 @@ pub(crate) async fn p10(env: &Env) -> Vec<Row> {
                 "handover_p99_ms": p99,
                 "jain": jain,
             }),
+        });
+    }
+
+    // Through the tower layer, interleaved.
+    let mut tower: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for arm in rotation(2, round) {
+            tower[arm].push(through_tower(&lockers, arm == 1, d).await * 100.0);
+        }
+    }
+    for (arm, name) in [(0, "default"), (1, "fair")] {
+        let util = &tower[arm];
+        let min = util.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = util.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        rows.push(Row {
+            id: "P10",
+            scenario: format!(
+                "tower layer, one hot key, 2 layers × {TASKS} clients, handler 1 ms, think 2 ms ({name})"
+            ),
+            figure: format!("held {:.0} % of the time", median(util)),
+            baseline: "wall time of the round".into(),
+            ratio: format!("rounds {min:.1}–{max:.1} %"),
+            target: "held ≥ 75 %".into(),
+            status: Status::of(median(util) >= 75.0),
+            data: json!({ "arm": name, "rounds": rounds, "utilization_pct": util }),
         });
     }
 
