@@ -118,8 +118,11 @@ impl Lock {
     /// this changes nothing).
     ///
     /// Waiters queue on the server in the order they first tried, each with a
-    /// ticket it refreshes while it waits (a ticket not refreshed is skipped,
-    /// so a waiter that died costs nothing). A release hands the lock, in the
+    /// ticket it refreshes while it waits; a waiter that gives up leaves the
+    /// line at once, and one that died is skipped once its ticket runs out
+    /// (three refreshes of a fifth of the expiry each, 1.5 s at most: handed
+    /// the lock before that, it leaves it held until its expiry, as a holder
+    /// that dies does). A release hands the lock, in the
     /// same script, to the first live ticket, with a new fencing token, and
     /// publishes the handover: the next owner holds the lock from that moment,
     /// without a round trip of its own, and nobody can overtake it, not even a
@@ -427,10 +430,18 @@ impl Lock {
         deadline: Option<Instant>,
         started: Instant,
     ) -> Result<LockGuard> {
+        if deadline.is_some_and(|d| d <= started) {
+            // A zero timeout: one attempt, which does not join the line.
+            return match self.attempt(keys).await? {
+                Try::Acquired(guard) => Ok(guard),
+                Try::Held { .. } | Try::TooLate => Err(self.timeout(started)),
+            };
+        }
         let mut line = InLine {
             locker: self.locker.clone(),
             keys: keys.clone(),
             token: self.mint()?,
+            place: Some(self.locker.join_line()?),
         };
         let refresh = ticket_refresh(&self.opts);
         let ticket = refresh * 3;
@@ -608,11 +619,13 @@ fn ticket_refresh(opts: &LeaseOptions) -> Duration {
 /// A fair mutex's waiter's place in the line. Dropped before [`InLine::done`]
 /// (the wait failed, timed out or was cancelled), it gives the place up in the
 /// background, and should a release have handed the lock to its token
-/// meanwhile, releases it, which hands it on.
+/// meanwhile, releases it, which hands it on. `close()` waits for that (the
+/// place counts as an attempt in flight until it is given up).
 struct InLine {
     locker: Locker,
     keys: Keys,
     token: String,
+    place: Option<crate::locker::InLine>,
 }
 
 impl InLine {
@@ -631,8 +644,10 @@ impl Drop for InLine {
         };
         let backend = self.locker.backend().clone();
         let (keys, token) = (self.keys.clone(), std::mem::take(&mut self.token));
+        let place = self.place.take();
         rt.spawn(async move {
             let _ = backend.release(&keys, &token).await;
+            drop(place);
         });
     }
 }

@@ -91,10 +91,27 @@ pub(crate) struct InFlight<'a>(&'a Attempts);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.0.end();
+    }
+}
+
+/// A fair mutex's place in a line, which [`Locker::close`] waits for like an
+/// attempt in flight, until the place is given up; see [`Locker::join_line`].
+#[derive(Debug)]
+pub(crate) struct InLine(Locker);
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        self.0.inner.attempts.end();
+    }
+}
+
+impl Attempts {
+    fn end(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.0 -= 1;
         if state.0 == 0 && state.1 {
-            self.0.idle.notify_waiters();
+            self.idle.notify_waiters();
         }
     }
 }
@@ -549,6 +566,16 @@ impl Locker {
         }
         state.0 += 1;
         Ok(InFlight(attempts))
+    }
+
+    /// Counts a place in a fair mutex's line as an attempt in flight until the
+    /// returned value is dropped (once the place is given up): `close()` then
+    /// waits for a waiter it cancelled to leave the line before the
+    /// connections go, so that no release hands the lock to it afterwards.
+    pub(crate) fn join_line(&self) -> Result<InLine> {
+        // The count `begin_attempt` took is given back by `InLine`'s drop.
+        std::mem::forget(self.begin_attempt()?);
+        Ok(InLine(self.clone()))
     }
 
     /// Marks the locker closing and waits until no attempt is in flight.
