@@ -261,7 +261,9 @@ proptest! {
         let valid = valid_expiry
             && !cadence.is_zero()
             && cadence < validity
-            && (1..=1024).contains(&pool_size);
+            // The pool holds at least the `connections` kept checked out (2
+            // by default).
+            && (2..=1024).contains(&pool_size);
         match RT.block_on(config.into_builder().build()) {
             Ok(_) => prop_assert!(valid, "accepted"),
             Err(Error::Config { .. }) => prop_assert!(!valid, "rejected"),
