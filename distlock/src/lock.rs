@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::key::{Keys, LockKind};
 use crate::locker::{Locker, Taken};
-use crate::notify::Subscription;
+use crate::notify::{Heard, Subscription};
 use crate::obs;
 use crate::options::LeaseOptions;
 use crate::run::Policy;
@@ -506,23 +506,24 @@ impl Lock {
                     () = sub.changed() => {}
                     () = tokio::time::sleep_until(wake_at) => break,
                 }
-                if let Some(fence) = sub.granted(&line.token).filter(|&f| f > seen) {
-                    match self.take_over(keys, &line.token, fence, refused_at).await? {
-                        Try::Acquired(guard) => {
-                            line.done();
-                            return Ok(guard);
-                        }
-                        _ => {
-                            line.token = self.mint()?;
-                            break;
+                match sub.heard(&line.token, seen) {
+                    Heard::Granted(fence) => {
+                        match self.take_over(keys, &line.token, fence, refused_at).await? {
+                            Try::Acquired(guard) => {
+                                line.done();
+                                return Ok(guard);
+                            }
+                            _ => {
+                                line.token = self.mint()?;
+                                break;
+                            }
                         }
                     }
-                }
-                if !sub.handed_over() {
+                    // Handed to someone ahead of us: keep waiting our turn.
+                    Heard::HandedOver => {}
                     // A plain release (or an expiry, a reconnect): try now.
-                    break;
+                    Heard::Released => break,
                 }
-                // Handed to someone ahead of us: keep waiting our turn.
             }
         }
     }
@@ -625,7 +626,7 @@ struct InLine {
     locker: Locker,
     keys: Keys,
     token: String,
-    place: Option<crate::locker::InLine>,
+    place: Option<crate::locker::Place>,
 }
 
 impl InLine {

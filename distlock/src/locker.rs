@@ -98,15 +98,25 @@ impl Drop for InFlight<'_> {
 /// A fair mutex's place in a line, which [`Locker::close`] waits for like an
 /// attempt in flight, until the place is given up; see [`Locker::join_line`].
 #[derive(Debug)]
-pub(crate) struct InLine(Locker);
+pub(crate) struct Place(Locker);
 
-impl Drop for InLine {
+impl Drop for Place {
     fn drop(&mut self) {
         self.0.inner.attempts.end();
     }
 }
 
 impl Attempts {
+    /// Counts one more in flight, unless the locker is closing.
+    fn begin(&self) -> Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.1 {
+            return Err(Error::Closed);
+        }
+        state.0 += 1;
+        Ok(())
+    }
+
     fn end(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.0 -= 1;
@@ -556,26 +566,17 @@ impl Locker {
     ///
     /// [`Error::Closed`] once [`close`](Locker::close) began.
     pub(crate) fn begin_attempt(&self) -> Result<InFlight<'_>> {
-        let attempts = &self.inner.attempts;
-        let mut state = attempts
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if state.1 {
-            return Err(Error::Closed);
-        }
-        state.0 += 1;
-        Ok(InFlight(attempts))
+        self.inner.attempts.begin()?;
+        Ok(InFlight(&self.inner.attempts))
     }
 
     /// Counts a place in a fair mutex's line as an attempt in flight until the
     /// returned value is dropped (once the place is given up): `close()` then
     /// waits for a waiter it cancelled to leave the line before the
     /// connections go, so that no release hands the lock to it afterwards.
-    pub(crate) fn join_line(&self) -> Result<InLine> {
-        // The count `begin_attempt` took is given back by `InLine`'s drop.
-        std::mem::forget(self.begin_attempt()?);
-        Ok(InLine(self.clone()))
+    pub(crate) fn join_line(&self) -> Result<Place> {
+        self.inner.attempts.begin()?;
+        Ok(Place(self.clone()))
     }
 
     /// Marks the locker closing and waits until no attempt is in flight.

@@ -296,32 +296,41 @@ impl Subscription {
         }
     }
 
-    /// The fencing token of a recent handover of the lock to `token` (a fair
-    /// mutex's release message), if one arrived.
-    pub(crate) fn granted(&self, token: &str) -> Option<u64> {
+    /// What the messages so far say to a fair mutex's waiter holding `token`,
+    /// for whom a handover with a fencing token of `stale` or less is stale.
+    pub(crate) fn heard(&self, token: &str, stale: u64) -> Heard {
         let map = self
             .hub
             .channels
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let c = map.get(&self.channel)?;
-        c.grants
+        let Some(c) = map.get(&self.channel) else {
+            return Heard::Released;
+        };
+        let granted = c
+            .grants
             .iter()
             .flatten()
-            .find(|(t, _)| t == token)
-            .map(|&(_, fence)| fence)
+            .find(|&&(ref t, fence)| t == token && fence > stale);
+        match (granted, c.last_grant) {
+            (Some(&(_, fence)), _) => Heard::Granted(fence),
+            (None, true) => Heard::HandedOver,
+            (None, false) => Heard::Released,
+        }
     }
+}
 
-    /// True when the latest message was a handover: the lock went to the
-    /// first in line, so trying for it is of no use.
-    pub(crate) fn handed_over(&self) -> bool {
-        let map = self
-            .hub
-            .channels
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.get(&self.channel).is_some_and(|c| c.last_grant)
-    }
+/// What a fair mutex's waiter learns from its channel ([`Subscription::heard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Heard {
+    /// A recent release handed the lock to this waiter's token, with this
+    /// fencing token (not stale).
+    Granted(u64),
+    /// The latest release handed the lock to someone else (ahead in line):
+    /// trying for it is of no use.
+    HandedOver,
+    /// A plain release, an expiry or a reconnect: worth trying now.
+    Released,
 }
 
 /// A handover message, `grant:<fence>:<token>`: its fencing token and token.

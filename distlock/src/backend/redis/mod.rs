@@ -291,7 +291,7 @@ impl RedisBackend {
 
     /// The scripts that publish a release, in the form this backend uses.
     fn wakers(&self) -> &'static Wakers {
-        if self.shared.sharded.load(Ordering::Relaxed) {
+        if self.sharded() {
             &SCRIPTS.spublish
         } else {
             &SCRIPTS.publish
