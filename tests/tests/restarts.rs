@@ -31,18 +31,35 @@ fn watch_lost(guard: &distlock::LockGuard) -> JoinHandle<(LostReason, Instant)> 
 
 /// Acquires `key`, retrying while the server is unreachable, for at most `limit`.
 async fn acquire_through_outage(locker: &Locker, key: &str, limit: Duration) -> Instant {
+    let lock = locker.lock(key);
+    through_outage(&format!("`{key}`"), limit, |left| {
+        lock.acquire_timeout(left)
+    })
+    .await
+}
+
+/// Runs `acquire` with the time left, retrying while the server is
+/// unreachable, for at most `limit`; drops what it took and says when.
+async fn through_outage<G, Fut>(
+    what: &str,
+    limit: Duration,
+    acquire: impl Fn(Duration) -> Fut,
+) -> Instant
+where
+    Fut: std::future::Future<Output = Result<G, distlock::Error>>,
+{
     let start = Instant::now();
     loop {
         let left = limit.saturating_sub(start.elapsed());
-        assert!(!left.is_zero(), "`{key}` not acquired within {limit:?}");
-        match locker.lock(key).acquire_timeout(left).await {
+        assert!(!left.is_zero(), "{what} not acquired within {limit:?}");
+        match acquire(left).await {
             Ok(g) => {
                 let at = Instant::now();
                 drop(g);
                 return at;
             }
             Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(e) => panic!("acquiring `{key}`: {e}"),
+            Err(e) => panic!("acquiring {what}: {e}"),
         }
     }
 }
@@ -203,24 +220,11 @@ async fn after_an_empty_restart_a_set_of_keys_is_not_taken_before_its_holder_is_
     };
     server.kill();
     server.restart().await;
-    let start = Instant::now();
-    let acquired = loop {
-        let left = Duration::from_secs(10).saturating_sub(start.elapsed());
-        assert!(!left.is_zero(), "the set was not acquired within 10 s");
-        match short
-            .lock_many(["acct:2", "acct:1"])
-            .acquire_timeout(left)
-            .await
-        {
-            Ok(g) => {
-                let at = Instant::now();
-                drop(g);
-                break at;
-            }
-            Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(e) => panic!("acquiring the set: {e}"),
-        }
-    };
+    let set = short.lock_many(["acct:2", "acct:1"]);
+    let acquired = through_outage("the set", Duration::from_secs(10), |left| {
+        set.acquire_timeout(left)
+    })
+    .await;
     let (reason, lost_at) = timeout(Duration::from_secs(5), lost)
         .await
         .expect("the holder was told")
