@@ -525,3 +525,55 @@ async fn a_fenced_script_runs_only_for_a_current_token() {
     guard.release().await.unwrap();
     locker.close().await.unwrap();
 }
+
+/// A refused attempt of a plain mutex (a transaction: `SET NX`, `INCR`, ...)
+/// spends a number of the fencing counter, and creates it, at 1, when it is
+/// missing (its 7-day TTL ran out while the lock was held). Such a number is
+/// never a token: the next holder's token still comes from the clock, above
+/// the last one; and a refusal leaves no such counter behind.
+#[tokio::test]
+async fn a_counter_made_by_a_refused_attempt_never_gives_a_token_that_goes_back() {
+    let server = RedisServer::start().await;
+    let a = Locker::connect(&server.url()).await.unwrap();
+    let b = Locker::connect(&server.url()).await.unwrap();
+    // Past each locker's first (scripted) acquisition.
+    for l in [&a, &b] {
+        l.lock("warm")
+            .acquire()
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    let held = a.lock("k").acquire().await.unwrap();
+    let first = held.fencing_token();
+    assert!(
+        first >= 1_000_000_000_000_000,
+        "{first} comes from the clock"
+    );
+
+    // The counter runs out; a refused attempt does not leave one behind.
+    server.del("distlock:{k}:fence").await;
+    assert!(b.lock("k").try_acquire().await.unwrap().is_none());
+    assert!(!server.exists("distlock:{k}:fence").await);
+
+    // A counter a refused attempt made (as one racing the script would
+    // leave): the next holder does not count on from it.
+    server.set("distlock:{k}:fence", "1").await;
+    held.release().await.unwrap();
+    let next = b.lock("k").acquire().await.unwrap();
+    assert!(
+        next.fencing_token() > first,
+        "{} after {first}",
+        next.fencing_token()
+    );
+    next.release().await.unwrap();
+
+    // A corrupt counter is an error that leaves no lock behind, on this path
+    // as on the script's.
+    server.set("distlock:{k}:fence", "abc").await;
+    let err = b.lock("k").try_acquire().await.unwrap_err();
+    assert!(report(&err).contains("fencing counter"), "{err}");
+    assert!(!server.exists("distlock:{k}").await);
+}

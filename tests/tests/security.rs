@@ -17,11 +17,15 @@ use distlock_tests::{report, RedisServer};
 const ACL: &str = "on >lock-secret resetkeys ~distlock:* resetchannels &distlock:* -@all \
     +ping +info +evalsha +eval +script|load +subscribe +unsubscribe \
     +publish +set +get +incr +del +exists +pexpire +pttl +type +time +zadd +zrem +zscore \
-    +zrange +zcard +zremrangebyscore";
+    +zrange +zcard +zremrangebyscore +multi +exec";
 
 async fn acl_server() -> RedisServer {
+    acl_server_with(ACL).await
+}
+
+async fn acl_server_with(acl: &str) -> RedisServer {
     let mut args = vec!["--user".to_owned(), "locks".to_owned()];
-    args.extend(ACL.split_whitespace().map(str::to_owned));
+    args.extend(acl.split_whitespace().map(str::to_owned));
     // The default user may not do anything, so only the ACL user can work.
     args.extend(["--user", "default", "off"].map(str::to_owned));
     RedisServer::builder().args(args).start().await
@@ -53,6 +57,32 @@ async fn an_acl_user_limited_to_the_prefix_can_use_every_primitive() {
     drop(rw.read().await.unwrap());
     rw.writer().run(&Policy::new(), async {}).await.unwrap();
     assert!(a.force_unlock("k").await.is_ok());
+}
+
+/// `+multi +exec` only make a plain mutex's attempt cheaper: without them it
+/// goes through the script, the same every time, and locks as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_without_transactions_still_locks_through_the_scripts() {
+    let server = acl_server_with(&ACL.replace(" +multi +exec", "")).await;
+    let url = format!("redis://locks:lock-secret@127.0.0.1:{}", server.port());
+    let a = Locker::connect(&url).await.unwrap();
+    let b = Locker::connect(&url).await.unwrap();
+    let mut last = 0;
+    for i in 0..6 {
+        let locker = if i % 2 == 0 { &a } else { &b };
+        let guard = locker
+            .lock("k")
+            .acquire_timeout(Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(guard.fencing_token() > last);
+        last = guard.fencing_token();
+        assert!(b.lock("k").try_acquire().await.unwrap().is_none());
+        guard.release().await.unwrap();
+    }
+    // Released: free at once.
+    let again = a.lock("k").try_acquire().await.unwrap();
+    assert!(again.is_some_and(|g| g.fencing_token() > last));
 }
 
 #[tokio::test]

@@ -12,9 +12,10 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
-/// Calls per command since the server started (or since `CONFIG RESETSTAT`).
+/// Calls per command since the server started (or since `CONFIG RESETSTAT`),
+/// and the microseconds Redis spent in each.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct CommandStats(HashMap<String, u64>);
+pub(crate) struct CommandStats(HashMap<String, (u64, u64)>);
 
 impl CommandStats {
     pub(crate) async fn read(conn: &mut MultiplexedConnection) -> CommandStats {
@@ -31,22 +32,56 @@ impl CommandStats {
             let Some((name, fields)) = rest.split_once(':') else {
                 continue;
             };
-            let calls = fields
-                .split(',')
-                .find_map(|f| f.strip_prefix("calls="))
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            map.insert(name.to_owned(), calls);
+            let field = |name: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(name))
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0)
+            };
+            map.insert(name.to_owned(), (field("calls="), field("usec=")));
         }
         CommandStats(map)
     }
 
     /// Calls of `cmd` (lower case) since `earlier`.
     pub(crate) fn since(&self, earlier: &CommandStats, cmd: &str) -> u64 {
-        let now = self.0.get(cmd).copied().unwrap_or(0);
-        let then = earlier.0.get(cmd).copied().unwrap_or(0);
+        let now = self.0.get(cmd).map_or(0, |c| c.0);
+        let then = earlier.0.get(cmd).map_or(0, |c| c.0);
         now.saturating_sub(then)
     }
+
+    /// Microseconds Redis spent in `cmds` (lower case) since `earlier`.
+    /// Redis counts a command run inside a script or a transaction twice: on
+    /// its own line and in the `EVALSHA` or `EXEC` that ran it. So `cmds`
+    /// names only what the client sent itself.
+    pub(crate) fn usec_since(&self, earlier: &CommandStats, cmds: &[&str]) -> u64 {
+        cmds.iter()
+            .map(|cmd| {
+                let now = self.0.get(*cmd).map_or(0, |c| c.1);
+                let then = earlier.0.get(*cmd).map_or(0, |c| c.1);
+                now.saturating_sub(then)
+            })
+            .sum()
+    }
+}
+
+/// The server process's CPU time so far, user and system, in seconds (`INFO
+/// cpu`): the commands and everything around them (reading requests,
+/// writing replies).
+pub(crate) async fn server_cpu(conn: &mut MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .expect("INFO cpu");
+    info.lines()
+        .filter_map(|l| {
+            l.strip_prefix("used_cpu_user:")
+                .or_else(|| l.strip_prefix("used_cpu_sys:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// Resident memory of this process, in bytes (`VmRSS` of `/proc/self/status`).

@@ -1,6 +1,7 @@
 //! P1, P2, P4: acquire/release throughput, uncontended, contended on one key,
 //! and across many keys; each against the floor and (P1, P2) rslock.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +12,15 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::measure::{fmt_rate, median, paired_ratios, rotation, sequential_rate};
+use crate::probe::{server_cpu, CommandStats};
 use crate::report::{Row, Status};
 use crate::{floor, Env};
 
 /// rslock's lease expiry in the bench.
 const RSLOCK_TTL: Duration = Duration::from_secs(30);
+
+/// The timeout of the README's `acquire_timeout` call.
+const README_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One sequential loop of floor pairs on `conn`, for `d`: pairs per second.
 pub(crate) async fn floor_sequential(conn: &MultiplexedConnection, key: &str, d: Duration) -> f64 {
@@ -31,8 +36,28 @@ pub(crate) async fn floor_sequential(conn: &MultiplexedConnection, key: &str, d:
     .await
 }
 
-/// One sequential loop of distlock acquire+release pairs, for `d`.
+/// One sequential loop of distlock acquire+release pairs in the README's
+/// call pattern: a fresh `Lock` each time, `acquire_timeout`, `release`.
 pub(crate) async fn distlock_sequential(locker: &Locker, key: &str, d: Duration) -> f64 {
+    let locker = locker.clone();
+    let key = key.to_owned();
+    sequential_rate(d, move |_| {
+        let locker = locker.clone();
+        let key = key.clone();
+        async move {
+            let guard = locker
+                .lock(key.as_str())
+                .acquire_timeout(README_TIMEOUT)
+                .await
+                .expect("distlock acquire");
+            guard.release().await.expect("distlock release");
+        }
+    })
+    .await
+}
+
+/// The same with one `Lock` kept and reused (its Redis names built once).
+async fn distlock_reused(locker: &Locker, key: &str, d: Duration) -> f64 {
     let lock = locker.lock(key);
     sequential_rate(d, move |_| {
         let lock = lock.clone();
@@ -67,69 +92,201 @@ pub(crate) async fn p1_arm(env: &Env, arm: &str, d: Duration) -> f64 {
     match arm {
         "p1:floor" => floor_sequential(&env.server_conn().await, "p1:floor", d).await,
         "p1:distlock" => distlock_sequential(&env.locker().await, "p1:distlock", d).await,
+        "p1:reused" => distlock_reused(&env.locker().await, "p1:reused", d).await,
         "p1:rslock" => {
             let manager = rslock::LockManager::new(vec![env.url.clone()]);
             rslock_sequential(&manager, "p1:rslock", d).await
         }
-        other => panic!("unknown arm {other}: p1:floor, p1:distlock or p1:rslock"),
+        other => panic!("unknown arm {other}: p1:floor, p1:distlock, p1:reused or p1:rslock"),
     }
 }
 
-/// P1: one task, sequential uncontended pairs: floor, distlock, rslock interleaved.
+/// What one P1 arm cost in one round: pairs per second, and per pair the
+/// server's time in the commands the client sent, and its CPU time.
+#[derive(Default)]
+struct Arm {
+    rate: Vec<f64>,
+    command_us: Vec<f64>,
+    cpu_us: Vec<f64>,
+}
+
+impl Arm {
+    /// Runs `arm` for `d`, reading the server's counters around it: `sent`
+    /// names the commands the client itself sends (see
+    /// [`CommandStats::usec_since`]).
+    async fn run<F: Future<Output = f64>>(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        d: Duration,
+        sent: &[&str],
+        arm: F,
+    ) {
+        let (s0, c0) = (CommandStats::read(conn).await, server_cpu(conn).await);
+        let rate = arm.await;
+        let (s1, c1) = (CommandStats::read(conn).await, server_cpu(conn).await);
+        let pairs = (rate * d.as_secs_f64()).max(1.0);
+        self.rate.push(rate);
+        self.command_us
+            .push(s1.usec_since(&s0, sent) as f64 / pairs);
+        self.cpu_us.push((c1 - c0) * 1e6 / pairs);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "pairs_per_s": self.rate, "command_us_per_pair": self.command_us,
+            "server_cpu_us_per_pair": self.cpu_us,
+            "median": { "pairs_per_s": median(&self.rate), "command_us_per_pair": median(&self.command_us),
+                        "server_cpu_us_per_pair": median(&self.cpu_us) },
+        })
+    }
+}
+
+/// The median of per-round ratios and their range, as text.
+fn spread(ratios: &[f64]) -> String {
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.3} (rounds {lo:.2}-{hi:.2})", median(ratios))
+}
+
+/// P1: one task, sequential uncontended pairs, interleaved: the floor,
+/// distlock as the README calls it, rslock, and distlock with one `Lock`
+/// reused. Also the server's side of each: time in commands and CPU.
 pub(crate) async fn p1(env: &Env) -> Vec<Row> {
-    let conn = env.server_conn().await;
+    let mut conn = env.server_conn().await;
     let locker = env.locker().await;
     let manager = rslock::LockManager::new(vec![env.url.clone()]);
     // Warm up: connections, scripts loaded, allocator.
     let warm = Duration::from_millis(200);
     floor_sequential(&conn, "p1:floor", warm).await;
     distlock_sequential(&locker, "p1:distlock", warm).await;
+    distlock_reused(&locker, "p1:reused", warm).await;
     rslock_sequential(&manager, "p1:rslock", warm).await;
 
-    let (mut fl, mut dl, mut rs) = (Vec::new(), Vec::new(), Vec::new());
+    // What each arm sends itself: the floor and rslock `SET` and `EVALSHA`;
+    // distlock a transaction (`MULTI` … `EXEC`) and `EVALSHA`.
+    const PLAIN: &[&str] = &["set", "evalsha"];
+    const DISTLOCK: &[&str] = &["multi", "exec", "evalsha"];
+    let (mut fl, mut dl, mut rs, mut re) = Default::default();
+    let (fl, dl, rs, re): (&mut Arm, &mut Arm, &mut Arm, &mut Arm) =
+        (&mut fl, &mut dl, &mut rs, &mut re);
     for round in 0..env.cfg.rounds {
-        for arm in rotation(3, round) {
+        for arm in rotation(4, round) {
             let d = env.cfg.p1_time;
+            let floor_conn = conn.clone();
             match arm {
-                0 => fl.push(floor_sequential(&conn, "p1:floor", d).await),
-                1 => dl.push(distlock_sequential(&locker, "p1:distlock", d).await),
-                _ => rs.push(rslock_sequential(&manager, "p1:rslock", d).await),
+                0 => {
+                    fl.run(
+                        &mut conn,
+                        d,
+                        PLAIN,
+                        floor_sequential(&floor_conn, "p1:floor", d),
+                    )
+                    .await
+                }
+                1 => {
+                    dl.run(
+                        &mut conn,
+                        d,
+                        DISTLOCK,
+                        distlock_sequential(&locker, "p1:distlock", d),
+                    )
+                    .await
+                }
+                2 => {
+                    rs.run(
+                        &mut conn,
+                        d,
+                        PLAIN,
+                        rslock_sequential(&manager, "p1:rslock", d),
+                    )
+                    .await
+                }
+                _ => {
+                    re.run(
+                        &mut conn,
+                        d,
+                        DISTLOCK,
+                        distlock_reused(&locker, "p1:reused", d),
+                    )
+                    .await
+                }
             }
         }
     }
     locker.close().await.expect("close");
     // Time per pair relative to the floor's: floor rate / distlock rate.
-    let vs_floor = median(&paired_ratios(&fl, &dl));
-    let vs_rslock = median(&paired_ratios(&dl, &rs));
+    let vs_floor = paired_ratios(&fl.rate, &dl.rate);
+    let vs_rslock = paired_ratios(&dl.rate, &rs.rate);
+    let reused_vs_floor = paired_ratios(&fl.rate, &re.rate);
+    let command = paired_ratios(&dl.command_us, &fl.command_us);
+    let cpu = paired_ratios(&dl.cpu_us, &fl.cpu_us);
     let data = json!({
         "rounds": env.cfg.rounds,
         "seconds_per_arm": env.cfg.p1_time.as_secs_f64(),
-        "floor_pairs_per_s": fl, "distlock_pairs_per_s": dl, "rslock_pairs_per_s": rs,
-        "median": { "floor": median(&fl), "distlock": median(&dl), "rslock": median(&rs) },
+        "call_pattern": "locker.lock(key).acquire_timeout(5 s), then release()",
+        "floor": fl.json(), "distlock": dl.json(), "rslock": rs.json(), "distlock_lock_reused": re.json(),
         "distlock_time_over_floor": vs_floor,
         "distlock_rate_over_rslock": vs_rslock,
+        "reused_time_over_floor": reused_vs_floor,
+        "command_time_over_floor": command,
+        "server_cpu_over_floor": cpu,
     });
+    let row = |scenario: &str,
+               figure: String,
+               baseline: String,
+               ratio: String,
+               target: &str,
+               met: bool| Row {
+        id: "P1",
+        scenario: scenario.into(),
+        figure,
+        baseline,
+        ratio,
+        target: target.into(),
+        status: Status::of(met),
+        data: data.clone(),
+    };
     vec![
-        Row {
-            id: "P1",
-            scenario: "one task, sequential uncontended acquire+release".into(),
-            figure: format!("{} pairs/s", fmt_rate(median(&dl))),
-            baseline: format!("floor {} pairs/s", fmt_rate(median(&fl))),
-            ratio: format!("{vs_floor:.3} × floor time"),
-            target: "≤ 1.15 × floor".into(),
-            status: Status::of(vs_floor <= 1.15),
-            data: data.clone(),
-        },
-        Row {
-            id: "P1",
-            scenario: "… against rslock lock+unlock".into(),
-            figure: format!("{} pairs/s", fmt_rate(median(&dl))),
-            baseline: format!("rslock {} pairs/s", fmt_rate(median(&rs))),
-            ratio: format!("{vs_rslock:.3} × rslock rate"),
-            target: "faster than rslock (> 1)".into(),
-            status: Status::of(vs_rslock > 1.0),
-            data,
-        },
+        row(
+            "one task, sequential uncontended pairs as the README calls them",
+            format!("{} pairs/s", fmt_rate(median(&dl.rate))),
+            format!("floor {} pairs/s", fmt_rate(median(&fl.rate))),
+            format!("{} × floor time", spread(&vs_floor)),
+            "≤ 1.10 × floor",
+            median(&vs_floor) <= 1.10,
+        ),
+        row(
+            "… against rslock lock+unlock",
+            format!("{} pairs/s", fmt_rate(median(&dl.rate))),
+            format!("rslock {} pairs/s", fmt_rate(median(&rs.rate))),
+            format!("{} × rslock rate", spread(&vs_rslock)),
+            "faster than rslock (> 1)",
+            median(&vs_rslock) > 1.0,
+        ),
+        row(
+            "… Redis time in the commands sent, per pair (INFO commandstats)",
+            format!("{:.2} µs", median(&dl.command_us)),
+            format!("floor {:.2} µs", median(&fl.command_us)),
+            format!("{} × floor", spread(&command)),
+            "≤ 1.15 × floor",
+            median(&command) <= 1.15,
+        ),
+        row(
+            "… Redis process CPU per pair (INFO cpu; for information)",
+            format!("{:.1} µs", median(&dl.cpu_us)),
+            format!("floor {:.1} µs", median(&fl.cpu_us)),
+            format!("{} × floor", spread(&cpu)),
+            "none",
+            true,
+        ),
+        row(
+            "… one Lock kept and reused (for information)",
+            format!("{} pairs/s", fmt_rate(median(&re.rate))),
+            format!("floor {} pairs/s", fmt_rate(median(&fl.rate))),
+            format!("{} × floor time", spread(&reused_vs_floor)),
+            "none",
+            true,
+        ),
     ]
 }
 

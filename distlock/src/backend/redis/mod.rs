@@ -14,7 +14,7 @@ mod scripts;
 mod slots;
 mod tasks;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use self::conn::{AnyPool, Checked, Conn};
 use self::scripts::{
     acquire_all_invocation, acquire_invocation, kind_flag, parse_all, parse_attempt, parse_seen,
-    parse_snapshot, release_invocation, Wakers, FENCE_TTL_MS, SCRIPTS,
+    parse_snapshot, quick, quick_acquire, read_quick, release_invocation, Wakers, FENCE_TTL_MS,
+    SCRIPTS,
 };
-use self::slots::Identity;
+use self::slots::{is_connection_error, Identity};
 pub(crate) use self::tasks::PubSubSource;
 use super::{Attempt, AttemptAll, Renewal, Request, Retoken, Snapshot};
 use crate::error::{Error, Result};
@@ -89,7 +90,22 @@ struct Shared {
     /// ACL user may): releases publish on their shard, and the pub/sub task
     /// subscribes with SSUBSCRIBE. Decided when the backend is verified.
     sharded: AtomicBool,
+    /// A plain mutex's attempt goes as a transaction ([`quick_acquire`])
+    /// before the script. Set once an acquire script answered (a user who
+    /// may not run scripts could take a lock it could not release). Off for
+    /// good when a new connection finds the user may not run `MULTI`, or when
+    /// the server refused the transaction and then ran the script: an ACL
+    /// user without `EXEC`, `INCR` or `PTTL`, or a Redis before 7 (no `SET NX
+    /// GET`).
+    quick: AtomicU8,
 }
+
+/// [`Shared::quick`]: no acquire script has answered yet.
+pub(super) const QUICK_UNTRIED: u8 = 0;
+/// [`Shared::quick`]: plain mutexes try the transaction first.
+pub(super) const QUICK_ON: u8 = 1;
+/// [`Shared::quick`]: the server refused the transaction; scripts only.
+pub(super) const QUICK_OFF: u8 = 2;
 
 /// One Redis server (or a Sentinel-managed master) reached through a pool.
 #[derive(Clone)]
@@ -204,6 +220,7 @@ impl RedisBackend {
                 registered_ms: AtomicU64::new(0),
                 register_seen_ms: AtomicU64::new(0),
                 sharded: AtomicBool::new(false),
+                quick: AtomicU8::new(QUICK_UNTRIED),
             }),
         }
     }
@@ -348,11 +365,14 @@ impl RedisBackend {
     pub(crate) async fn acquire_in_line(&self, req: Request<'_>) -> Result<(Attempt, u64)> {
         let (keys, token, expiry, _) = req.parts();
         let locks = std::slice::from_ref(keys);
+        // Not on a cluster: its connection does not run transactions.
+        let quick = (quick(keys) && !self.is_cluster()).then_some(keys);
         self.acquire_with(
             locks,
             token,
             expiry,
             2,
+            quick,
             |register| acquire_invocation(req, register),
             |reply| {
                 let attempt = parse_attempt(keys, reply)?;
@@ -377,6 +397,7 @@ impl RedisBackend {
             token,
             expiry,
             1,
+            None,
             |register| acquire_all_invocation(locks, token, expiry, register),
             |reply| {
                 let attempt = parse_all(locks, reply)?;
@@ -396,7 +417,9 @@ impl RedisBackend {
     /// The steps of every acquisition: the restart quarantine, the expiry
     /// register, the script (built by `invocation`, given the register's key
     /// when the script should read it, which it returns at `register_at`),
-    /// and the replicas' acknowledgement of a grant. `Err(wait)` inside the
+    /// and the replicas' acknowledgement of a grant. With `quick`, a plain
+    /// mutex's transaction is tried first, and the script only when the
+    /// transaction cannot answer. `Err(wait)` inside the
     /// `Ok`: not sent, the server restarted and acquisitions wait this long.
     /// Cancel safe: until a definite answer arrives, the attempt may have
     /// taken the locks, which a drop or a failure releases in the
@@ -407,6 +430,7 @@ impl RedisBackend {
         token: &str,
         expiry: Duration,
         register_at: usize,
+        quick: Option<&Keys>,
         invocation: impl Fn(Option<&str>) -> redis::ScriptInvocation<'static>,
         parse: impl FnOnce(&[Value]) -> Result<(T, bool)>,
     ) -> Result<std::result::Result<T, Duration>> {
@@ -431,8 +455,35 @@ impl RedisBackend {
                 self.register(&mut conn, millis(expiry)).await?;
                 *carried.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
                 let register = self.shared.settings.register_key.as_deref();
-                let inv = invocation(register);
-                Ok(inv.invoke_async(&mut conn).await.map(Reply::Answer))
+                let state = self.shared.quick.load(Ordering::Relaxed);
+                let quick = quick.filter(|_| state == QUICK_ON);
+                let mut refused = false;
+                if let Some(keys) = quick {
+                    let tx = quick_acquire(keys, token, expiry, register);
+                    match tx.query_async::<Value>(&mut conn).await {
+                        Ok(Value::Array(items)) => {
+                            if let Some(reply) = read_quick(items, token) {
+                                return Ok(Ok(Reply::Answer(reply)));
+                            }
+                        }
+                        Err(e) if is_connection_error(&e) || e.is_timeout() => return Ok(Err(e)),
+                        // Not run as a transaction (`EXECABORT`, or `MULTI`
+                        // itself refused).
+                        Ok(_) | Err(_) => refused = true,
+                    }
+                }
+                let answer = invocation(register).invoke_async(&mut conn).await;
+                if answer.is_ok() {
+                    let next = if refused { QUICK_OFF } else { QUICK_ON };
+                    // Off is for good: only untried turns on.
+                    let _ = self.shared.quick.compare_exchange(
+                        if refused { state } else { QUICK_UNTRIED },
+                        next,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Ok(answer.map(Reply::Answer))
             })
             .await?;
         let reply: Vec<Value> = match reply {

@@ -9,12 +9,12 @@ use std::sync::PoisonError;
 use std::time::Duration;
 
 use deadpool_redis::PoolError;
-use redis::RedisError;
+use redis::{RedisError, Value};
 use tokio::time::Instant;
 
 use super::conn::{Checked, Conn};
 use super::scripts::{preload, SCRIPTS};
-use super::RedisBackend;
+use super::{RedisBackend, QUICK_OFF, QUICK_UNTRIED};
 use crate::error::{Chain, Error, Result};
 
 /// What the backend knows of the server it talks to. A new `run_id` on a new
@@ -126,10 +126,33 @@ impl RedisBackend {
         }
     }
 
+    /// Until plain mutexes go as transactions or not (see
+    /// [`Shared::quick`](super::Shared)): may this user run `MULTI`? A user
+    /// who may not is never sent a transaction (redis-rs's connection task
+    /// does not survive a refused `MULTI` in a pipeline). On a new connection,
+    /// not shared yet: `MULTI` then `DISCARD`, as two plain commands.
+    async fn probe_transactions(&self, conn: &mut Conn) {
+        let s = &self.shared;
+        if s.quick.load(Ordering::Relaxed) != QUICK_UNTRIED {
+            return;
+        }
+        let mut probe = redis::pipe();
+        probe.cmd("MULTI").cmd("DISCARD");
+        let answer =
+            tokio::time::timeout(s.settings.op_timeout, probe.query_async::<Value>(conn)).await;
+        if let Ok(Err(e)) = answer {
+            if !is_connection_error(&e) {
+                tracing::debug!(error = %e, "MULTI not permitted: plain mutexes are taken by a script");
+                s.quick.store(QUICK_OFF, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Learns the server's `run_id` on a new connection; a change starts the
     /// restart quarantine (see [`Identity`]).
     pub(super) async fn check_identity(&self, conn: &mut Conn) -> Result<()> {
         let s = &self.shared;
+        self.probe_transactions(conn).await;
         let info = tokio::time::timeout(
             s.settings.op_timeout,
             redis::cmd("INFO").arg("server").query_async::<String>(conn),
