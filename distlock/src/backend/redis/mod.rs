@@ -365,14 +365,11 @@ impl RedisBackend {
     pub(crate) async fn acquire_in_line(&self, req: Request<'_>) -> Result<(Attempt, u64)> {
         let (keys, token, expiry, _) = req.parts();
         let locks = std::slice::from_ref(keys);
-        // Not on a cluster: its connection does not run transactions.
-        let quick = (quick(keys) && !self.is_cluster()).then_some(keys);
         self.acquire_with(
             locks,
             token,
             expiry,
-            2,
-            quick,
+            Shape::One,
             |register| acquire_invocation(req, register),
             |reply| {
                 let attempt = parse_attempt(keys, reply)?;
@@ -396,8 +393,7 @@ impl RedisBackend {
             locks,
             token,
             expiry,
-            1,
-            None,
+            Shape::All,
             |register| acquire_all_invocation(locks, token, expiry, register),
             |reply| {
                 let attempt = parse_all(locks, reply)?;
@@ -416,10 +412,10 @@ impl RedisBackend {
 
     /// The steps of every acquisition: the restart quarantine, the expiry
     /// register, the script (built by `invocation`, given the register's key
-    /// when the script should read it, which it returns at `register_at`),
-    /// and the replicas' acknowledgement of a grant. With `quick`, a plain
-    /// mutex's transaction is tried first, and the script only when the
-    /// transaction cannot answer. `Err(wait)` inside the
+    /// when the script should read it; `shape` says where it returns it),
+    /// and the replicas' acknowledgement of a grant. A plain mutex tries the
+    /// transaction first, and the script only when the transaction cannot
+    /// answer. `Err(wait)` inside the
     /// `Ok`: not sent, the server restarted and acquisitions wait this long.
     /// Cancel safe: until a definite answer arrives, the attempt may have
     /// taken the locks, which a drop or a failure releases in the
@@ -429,8 +425,7 @@ impl RedisBackend {
         locks: &[Keys],
         token: &str,
         expiry: Duration,
-        register_at: usize,
-        quick: Option<&Keys>,
+        shape: Shape,
         invocation: impl Fn(Option<&str>) -> redis::ScriptInvocation<'static>,
         parse: impl FnOnce(&[Value]) -> Result<(T, bool)>,
     ) -> Result<std::result::Result<T, Duration>> {
@@ -456,7 +451,12 @@ impl RedisBackend {
                 *carried.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
                 let register = self.shared.settings.register_key.as_deref();
                 let state = self.shared.quick.load(Ordering::Relaxed);
-                let quick = quick.filter(|_| state == QUICK_ON);
+                // Not on a cluster: its connection does not run transactions.
+                let quick = match (shape, locks) {
+                    (Shape::One, [keys]) if quick(keys) && !self.is_cluster() => Some(keys),
+                    _ => None,
+                }
+                .filter(|_| state == QUICK_ON);
                 let mut refused = false;
                 if let Some(keys) = quick {
                     let tx = quick_acquire(keys, token, expiry, register);
@@ -494,7 +494,7 @@ impl RedisBackend {
             }
         };
         if let Some(seen) = reply
-            .get(register_at)
+            .get(shape.register_at())
             .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
         {
             self.shared
@@ -852,6 +852,26 @@ fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
 
 pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Which acquire script a reply comes from.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// One lock's (`ACQUIRE_EXCLUSIVE`, `ACQUIRE_FAIR`, `ACQUIRE_SHARED`), or
+    /// a plain mutex's transaction, read into the same shape.
+    One,
+    /// Several mutexes' (`ACQUIRE_ALL`).
+    All,
+}
+
+impl Shape {
+    /// Where the reply carries the expiry register.
+    fn register_at(self) -> usize {
+        match self {
+            Shape::One => 2,
+            Shape::All => 1,
+        }
+    }
 }
 
 /// What one try of an acquisition came to.
