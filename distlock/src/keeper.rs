@@ -32,8 +32,11 @@ pub(crate) enum Cmd {
     Hold {
         lease: Arc<LeaseState>,
         valid_until: Instant,
+        /// When to renew first: `renew_every` after the request was sent,
+        /// sooner for a lease a fair mutex's release handed over with its
+        /// ticket's life.
+        first_renewal: Instant,
         renew_every: Duration,
-        validity: Duration,
         max_hold_at: Option<Instant>,
     },
     /// Stop renewing and release (or, with `keep_until`, let the key expire then).
@@ -253,13 +256,11 @@ impl Cmd {
         match self {
             Cmd::Hold {
                 valid_until,
-                renew_every,
-                validity,
+                first_renewal,
                 max_hold_at,
                 ..
             } => {
-                let first_renewal = *valid_until - *validity + *renew_every;
-                let due = first_renewal.min(*valid_until);
+                let due = (*first_renewal).min(*valid_until);
                 Some(max_hold_at.map_or(due, |m| due.min(m)))
             }
             Cmd::Forget { .. } => None,
@@ -489,8 +490,8 @@ impl State {
             Cmd::Hold {
                 lease,
                 valid_until,
+                first_renewal,
                 renew_every,
-                validity,
                 max_hold_at,
             } => {
                 if self.closed {
@@ -498,9 +499,8 @@ impl State {
                     self.spawn_release(lease, None, None);
                     return;
                 }
-                let sent = valid_until - validity;
                 let mut e = Entry {
-                    renew_at: sent + renew_every,
+                    renew_at: first_renewal,
                     valid_until,
                     max_hold_at,
                     renew_every,
@@ -841,8 +841,8 @@ mod tests {
         Cmd::Hold {
             lease,
             valid_until: now + Duration::from_millis(29_400),
+            first_renewal: now + Duration::from_secs(10),
             renew_every: Duration::from_secs(10),
-            validity: Duration::from_millis(29_400),
             max_hold_at: max_hold.map(|m| now + m),
         }
     }

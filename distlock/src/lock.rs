@@ -120,12 +120,13 @@ impl Lock {
     /// Waiters queue on the server in the order they first tried, each with a
     /// ticket it refreshes while it waits; a waiter that gives up leaves the
     /// line at once, and one that died is skipped once its ticket runs out
-    /// (three refreshes of a fifth of the expiry each, 1.5 s at most: handed
-    /// the lock before that, it leaves it held until its expiry, as a holder
-    /// that dies does). A release hands the lock, in the
-    /// same script, to the first live ticket, with a new fencing token, and
-    /// publishes the handover: the next owner holds the lock from that moment,
-    /// without a round trip of its own, and nobody can overtake it, not even a
+    /// (three refreshes of a fifth of the expiry each, 1.5 s at most). A
+    /// release hands the lock, in the same script, to the first live ticket,
+    /// with a new fencing token, for the ticket's life (so a waiter that died
+    /// and is handed the lock holds it no longer than that), and publishes
+    /// the handover: the next owner holds the lock from that moment, without
+    /// a round trip of its own (its first renewal, at once, extends the lock
+    /// to its expiry), and nobody can overtake it, not even a
     /// flood of [`try_acquire`](Lock::try_acquire), which is refused while
     /// anyone waits. Within a process, waiters keep their local line: one
     /// ticket per process at a time.
@@ -508,7 +509,10 @@ impl Lock {
                 }
                 match sub.heard(&line.token, seen) {
                     Heard::Granted(fence) => {
-                        match self.take_over(keys, &line.token, fence, refused_at).await? {
+                        match self
+                            .take_over(keys, &line.token, fence, refused_at, ticket)
+                            .await?
+                        {
                             Try::Acquired(guard) => {
                                 line.done();
                                 return Ok(guard);
@@ -537,17 +541,21 @@ impl Lock {
     /// Holds a lock a release handed to `token` with fencing token `fence`,
     /// after a refusal sent at `refused_at`: the handover came after that
     /// refusal reached the server, so the server's expiry ends after
-    /// `refused_at` + expiry, and the lease's local deadline counts from
-    /// there.
+    /// `refused_at` + `ticket` (the release sets the waiter's ticket's life,
+    /// so that a waiter that died in line costs no more), and the lease's
+    /// local deadline counts from there. The first renewal, early, extends it
+    /// to the full expiry.
     async fn take_over(
         &self,
         keys: &Keys,
         token: &str,
         fence: u64,
         refused_at: Instant,
+        ticket: Duration,
     ) -> Result<Try> {
         let _in_flight = self.locker.begin_attempt()?;
-        self.hold(keys, token.to_owned(), fence, refused_at).await
+        self.hold(keys, token.to_owned(), fence, refused_at, Some(ticket))
+            .await
     }
 
     /// One attempt. From the backend's answer to the returned guard there is no
@@ -579,18 +587,27 @@ impl Lock {
             (Attempt::Held { ttl }, seen) => return Ok((Try::Held { ttl }, seen)),
             (Attempt::Acquired { fence }, _) => fence,
         };
-        Ok((self.hold(keys, token, fence, sent).await?, 0))
+        Ok((self.hold(keys, token, fence, sent, None).await?, 0))
     }
 
     /// Registers a lease taken by a request sent at `sent` with the keeper,
-    /// or gives it back when that is too late to be of use.
-    async fn hold(&self, keys: &Keys, token: String, fence: u64, sent: Instant) -> Result<Try> {
+    /// or gives it back when that is too late to be of use. `granted_for`:
+    /// the expiry the server set, when not the lock's own (a handover).
+    async fn hold(
+        &self,
+        keys: &Keys,
+        token: String,
+        fence: u64,
+        sent: Instant,
+        granted_for: Option<Duration>,
+    ) -> Result<Try> {
         let max_hold_at = self.opts.max_hold.and_then(|m| sent.checked_add(m));
         let taken = Taken {
             keys: keys.clone(),
             token,
             fence,
             sent,
+            granted_for,
             max_hold_at,
             name: self.name.clone(),
         };
@@ -599,7 +616,7 @@ impl Lock {
             drop(guard);
             return Err(Error::Closed);
         }
-        if Instant::now() >= sent + self.opts.validity() {
+        if Instant::now() >= sent + self.opts.validity_of(granted_for) {
             // The answer came too late to be of use: the lease may already be
             // expiring. Release it and keep waiting.
             drop(guard);

@@ -70,6 +70,10 @@ pub(crate) struct Taken {
     pub(crate) fence: u64,
     /// When the request that took it was sent.
     pub(crate) sent: tokio::time::Instant,
+    /// The expiry the server set, when not the lock's own: a fair mutex's
+    /// release hands the lock over for the waiter's ticket's life, and the
+    /// first renewal, early, extends it to the full expiry.
+    pub(crate) granted_for: Option<std::time::Duration>,
     pub(crate) max_hold_at: Option<tokio::time::Instant>,
     /// The metrics name of the lock.
     pub(crate) name: obs::Name,
@@ -421,6 +425,7 @@ impl Locker {
             token,
             fence: lease.fencing_token(),
             sent,
+            granted_for: None,
             max_hold_at: None,
             name: None,
         };
@@ -437,6 +442,7 @@ impl Locker {
             token,
             fence,
             sent,
+            granted_for,
             max_hold_at,
             name,
         } = taken;
@@ -449,13 +455,18 @@ impl Locker {
             name,
         ));
         lease.count_held(obs::held(self.metrics_name()));
-        let valid_until = sent + opts.validity();
+        let validity = opts.validity_of(granted_for);
+        let valid_until = sent + validity;
         lease.set_deadline(max_hold_at.map_or(valid_until, |m| m.min(valid_until)));
+        let first_renewal = match granted_for {
+            Some(_) => sent + opts.renew_every().min(validity / 2),
+            None => sent + opts.renew_every(),
+        };
         let registered = self.inner.keeper.send(Cmd::Hold {
             lease: Arc::clone(&lease),
             valid_until,
+            first_renewal,
             renew_every: opts.renew_every(),
-            validity: opts.validity(),
             max_hold_at,
         });
         if !registered {

@@ -358,6 +358,7 @@ impl MultiLock {
                 token: token.clone(),
                 fence,
                 sent,
+                granted_for: None,
                 max_hold_at,
                 name: self.name.clone(),
             };

@@ -86,7 +86,17 @@ impl LeaseOptions {
     /// How long a lease stays valid, locally, after the request that set its
     /// expiry was sent.
     pub(crate) fn validity(&self) -> Duration {
-        validity_for(self.expiry, self.drift_factor, self.drift_floor)
+        self.validity_of(None)
+    }
+
+    /// [`validity`](Self::validity) of a lease the server set to expire
+    /// after `granted_for` instead of the expiry (`None`).
+    pub(crate) fn validity_of(&self, granted_for: Option<Duration>) -> Duration {
+        validity_for(
+            granted_for.unwrap_or(self.expiry),
+            self.drift_factor,
+            self.drift_floor,
+        )
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

@@ -480,3 +480,83 @@ async fn calls(server: &RedisServer) -> (u64, u64) {
         count(&["cmdstat_subscribe:"]),
     )
 }
+
+/// A waiter that dies first in line (its process gone: here its runtime is
+/// dropped while it waits, so it never leaves the line) can still be handed
+/// the lock while its ticket lives. The handover sets the lock for the
+/// ticket's life (three refreshes, 1.5 s with a 10 s expiry), not for the
+/// waiter's expiry, so the next waiter gets the lock after that, not after
+/// 10 s; a live heir extends it at its first renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_dies_first_in_line_holds_a_handover_only_for_its_tickets_life() {
+    let server = RedisServer::start().await;
+    let (a, c) = (locker(&server).await, locker(&server).await);
+    let key = "fair:dies";
+    let held = a.lock(key).fair(true).acquire().await.unwrap();
+
+    let (die_tx, die_rx) = std::sync::mpsc::channel::<()>();
+    let url = server.url();
+    let dying = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let b = rt.block_on(
+            Locker::builder()
+                .url(url)
+                .expiry(Duration::from_secs(10))
+                .build(),
+        );
+        let lock = b.unwrap().lock(key).fair(true);
+        rt.spawn(async move { lock.acquire().await });
+        // Let it join the line, then drop the runtime with the waiter in it.
+        rt.block_on(async {
+            while die_rx.try_recv().is_err() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        drop(rt);
+    });
+    line_holds(&server, key, 1).await;
+    die_tx.send(()).unwrap();
+    dying.join().unwrap();
+
+    // A live waiter behind the dead one.
+    let waiter = wait_for(&c, key);
+    line_holds(&server, key, 2).await;
+    held.release().await.unwrap();
+    let mut conn = server.conn().await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("distlock:{{{key}}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (0..=1500).contains(&pttl),
+        "handed to the dead waiter for {pttl} ms, not its ticket's 1500"
+    );
+    let started = Instant::now();
+    let guard = timeout(BOUND, waiter).await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the next waiter waited {:?}",
+        started.elapsed()
+    );
+    // A live heir keeps what it was handed past the ticket's life: its
+    // first renewal extends the lock to its expiry.
+    let heir = wait_for(&a, key);
+    line_holds(&server, key, 1).await;
+    guard.release().await.unwrap();
+    let heir = timeout(BOUND, heir).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(!heir.is_lost());
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("distlock:{{{key}}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 1500, "the heir's lock has {pttl} ms left");
+    heir.release().await.unwrap();
+    a.close().await.unwrap();
+    c.close().await.unwrap();
+}

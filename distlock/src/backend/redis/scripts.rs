@@ -306,7 +306,8 @@ return ok
 /// Lua that defines the line of a fair mutex: `nowms` (the server's clock),
 /// `leave(token)` (drops a token's ticket; its entry in the line is skipped
 /// when it comes first) and `first()` (drops the dead entries at the head of
-/// the line and returns the first live one, as `expiry, token`, or nil).
+/// the line and returns the first live one, as `ms, token`, or nil; `ms` is
+/// what a handover sets the lock for: the ticket's life).
 /// Expects `KEYS[LINE]` and `KEYS[TICKETS]`.
 macro_rules! line {
     () => {
@@ -385,7 +386,9 @@ end
 if ARGV[4] ~= '0' then
   local ticket = tonumber(ARGV[4])
   if redis.call('zadd', KEYS[TICKETS], nowms + ticket, ARGV[1]) == 1 then
-    redis.call('rpush', KEYS[LINE], ARGV[2] .. ':' .. ARGV[1])
+    -- A handover sets the lock for the ticket's life (the new owner's first
+    -- renewal extends it): a waiter that died in line costs no more.
+    redis.call('rpush', KEYS[LINE], ARGV[4] .. ':' .. ARGV[1])
   end
   -- The line outlives every live ticket; a waiter with a shorter ticket
   -- never shortens it.
@@ -406,8 +409,9 @@ return {0, tostring(redis.call('pttl', KEYS[1])), reg(), seen}
 
 /// Release a fair mutex, or give up a place in its line: drop the token's
 /// ticket; if the lock holds the token, hand it to the first live ticket (set
-/// to that token for the expiry it asked, with a new fencing token, and
-/// publish `grant:<fence>:<token>`), or, with nobody in line, delete it and
+/// to that token for its ticket's life, which its first renewal extends, with
+/// a new fencing token, and publish `grant:<fence>:<token>`), or, with nobody
+/// in line, delete it and
 /// publish the released token.
 ///
 /// KEYS: lock, channel, fence, line, tickets. ARGV: token, fence ttl ms.
