@@ -241,14 +241,24 @@ async fn a_handover_whose_message_is_lost_is_found_by_the_next_refresh() {
         .unwrap();
     let key = "fair:deaf";
     let held = a.lock(key).fair(true).acquire().await.unwrap();
+    let first = held.fencing_token();
     let waiter = wait_for(&b, key);
     line_holds(&server, key, 1).await;
     held.release().await.unwrap();
     let released = Instant::now();
+    // The counter is lost after the handover (its TTL ran out, say): the
+    // refresh that finds the lock mints anew, from the clock; it returned
+    // the counter as it stood, "0", before.
+    server.del(&format!("distlock:{{{key}}}:fence")).await;
     let guard = timeout(BOUND, waiter).await.unwrap().unwrap();
     // Refreshes come every 400 ms (a fifth of the 2 s expiry).
     assert!(released.elapsed() < Duration::from_secs(2));
     assert!(!guard.is_lost());
+    assert!(
+        guard.fencing_token() > first,
+        "{} after {first}",
+        guard.fencing_token()
+    );
     guard.release().await.unwrap();
     a.close().await.unwrap();
     b.close().await.unwrap();

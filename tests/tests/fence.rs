@@ -571,9 +571,46 @@ async fn a_counter_made_by_a_refused_attempt_never_gives_a_token_that_goes_back(
     next.release().await.unwrap();
 
     // A corrupt counter is an error that leaves no lock behind, on this path
-    // as on the script's.
-    server.set("distlock:{k}:fence", "abc").await;
-    let err = b.lock("k").try_acquire().await.unwrap_err();
-    assert!(report(&err).contains("fencing counter"), "{err}");
-    assert!(!server.exists("distlock:{k}").await);
+    // as on the script's: never a token repeated or read as it stands (at
+    // the top of the range the transaction's INCR overflows; "1e300" is not
+    // an integer, though Lua reads it as a number).
+    for corrupt in ["abc", "1e300", "9223372036854775807"] {
+        server.set("distlock:{k}:fence", corrupt).await;
+        let err = b.lock("k").try_acquire().await.unwrap_err();
+        assert!(report(&err).contains("fencing counter"), "{corrupt}: {err}");
+        assert!(!server.exists("distlock:{k}").await, "{corrupt}");
+    }
+}
+
+/// A refused attempt's transaction may create the counter (its `INCR`); it
+/// gives it the counter's TTL in the same transaction, so an attempt
+/// cancelled before the script tidies up never leaves a counter that lives
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_refused_attempt_never_leaves_a_counter_without_a_ttl() {
+    let server = RedisServer::start().await;
+    let holder = Locker::connect(&server.url()).await.unwrap();
+    let other = Locker::connect(&server.url()).await.unwrap();
+    other
+        .lock("warm")
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let held = holder.lock("k").acquire().await.unwrap();
+    let mut cancelled = 0;
+    for i in 0..300u64 {
+        server.del("distlock:{k}:fence").await;
+        let budget = Duration::from_micros(i * 37 % 1500);
+        let attempt = tokio::time::timeout(budget, other.lock("k").try_acquire()).await;
+        cancelled += u32::from(attempt.is_err());
+        if server.exists("distlock:{k}:fence").await {
+            let pttl = server.pttl("distlock:{k}:fence").await;
+            assert!(pttl > 0, "round {i}: a counter with PTTL {pttl}");
+        }
+    }
+    assert!(cancelled > 0, "no attempt was cancelled");
+    held.release().await.unwrap();
 }

@@ -85,6 +85,64 @@ async fn an_acl_user_without_transactions_still_locks_through_the_scripts() {
     assert!(again.is_some_and(|g| g.fencing_token() > last));
 }
 
+/// With the README's line a plain mutex is taken by a transaction; and when
+/// the user loses `MULTI` while it runs (an ACL changed at run time, or a
+/// failover to a stricter master), locking carries on through the scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_line_takes_mutexes_by_transaction_and_survives_losing_multi() {
+    let server = acl_server_with(&format!("{ACL} +acl|setuser")).await;
+    let url = format!("redis://locks:lock-secret@127.0.0.1:{}", server.port());
+    let a = Locker::connect(&url).await.unwrap();
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut last = 0;
+    let mut pairs = |n: usize| {
+        let a = a.clone();
+        async move {
+            for _ in 0..n {
+                let g = a
+                    .lock("k")
+                    .acquire_timeout(Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                assert!(g.fencing_token() > last);
+                last = g.fencing_token();
+                g.release().await.unwrap();
+            }
+        }
+    };
+    pairs(1).await;
+    let exec0 = calls(&mut admin, "exec").await;
+    pairs(3).await;
+    assert_eq!(calls(&mut admin, "exec").await - exec0, 3);
+
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("locks")
+        .arg("-multi")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    pairs(6).await;
+}
+
+/// Calls of `cmd` so far (`INFO commandstats`).
+async fn calls(conn: &mut redis::aio::MultiplexedConnection, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn an_acl_user_outside_its_prefix_is_refused_with_an_auth_error() {
     let server = acl_server().await;

@@ -460,16 +460,14 @@ impl RedisBackend {
                 let mut refused = false;
                 if let Some(keys) = quick {
                     let tx = quick_acquire(keys, token, expiry, register);
-                    match tx.query_async::<Value>(&mut conn).await {
-                        Ok(Value::Array(items)) => {
-                            if let Some(reply) = read_quick(items, token) {
-                                return Ok(Ok(Reply::Answer(reply)));
-                            }
-                        }
+                    match tx.query_async::<Vec<Value>>(&mut conn).await {
+                        Ok(replies) => match read_quick(replies, token) {
+                            Ok(Some(reply)) => return Ok(Ok(Reply::Answer(reply))),
+                            Ok(None) => {}
+                            Err(()) => refused = true,
+                        },
                         Err(e) if is_connection_error(&e) || e.is_timeout() => return Ok(Err(e)),
-                        // Not run as a transaction (`EXECABORT`, or `MULTI`
-                        // itself refused).
-                        Ok(_) | Err(_) => refused = true,
+                        Err(_) => refused = true,
                     }
                 }
                 let answer = invocation(register).invoke_async(&mut conn).await;

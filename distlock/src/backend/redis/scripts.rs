@@ -88,8 +88,8 @@ local nowms = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
 /// the expiry register.
 /// Returns `{1, fence, register}` when acquired (also when the key already
 /// holds our token: a retried attempt, or a [`quick_acquire`] that took the
-/// lock but could not mint), `{0, ms left, register}` when held, `{2, type}`
-/// for a key of another type.
+/// lock but could not mint; a new token is minted then too), `{0, ms left,
+/// register}` when held, `{2, type}` for a key of another type.
 ///
 /// A plain mutex is tried with [`quick_acquire`] first, and comes here only
 /// when that cannot answer. A mutex tries `SET NX` first: an uncontended acquisition is two commands
@@ -117,10 +117,9 @@ if kind ~= 'string' and kind ~= 'none' then tidy() return {2, kind} end
 if kind == 'string' then
   if redis.call('get', KEYS[1]) == ARGV[1] then
     redis.call('pexpire', KEYS[1], ARGV[2])
-    local cur = redis.pcall('get', KEYS[2])
-    if type(cur) == 'string' and (tonumber(cur) or 0) >= 1e15 then return {1, cur, reg()} end
-    -- Taken by a transaction that found the counter below the clock floor
-    -- (or whose answer was lost): mint from the clock now.
+    -- Ours already: a retried attempt, or a transaction that could not
+    -- mint (the counter below the clock floor, or not a number). A new
+    -- token, never the counter as it stands.
 ",
     mint_fence!("redis.call('del', KEYS[1])"),
     r"
@@ -156,7 +155,7 @@ if write then redis.call('del', KEYS[4]) end
 /// (when ARGV[5] is `1`).
 /// ARGV: token, expiry ms, fence ttl ms, N, `1` to read the expiry register.
 /// Returns `{1, register, fence 1, ..., fence N}` when all are ours (a lock
-/// already holding our token, from a retried attempt, keeps its token),
+/// already holding our token, from a retried attempt, gets a new token too),
 /// `{0, register, i, ms left}` when lock `i` is held (nothing is taken), `{2,
 /// type, i}` for a key of another type.
 const ACQUIRE_ALL: &str = concat!(
@@ -176,14 +175,13 @@ for i = 1, n do
   local FENCE = n + i
   if redis.call('get', KEYS[i]) == ARGV[1] then
     redis.call('pexpire', KEYS[i], ARGV[2])
-    out[i + 2] = redis.call('get', KEYS[FENCE]) or '0'
   else
     redis.call('set', KEYS[i], ARGV[1], 'PX', ARGV[2])
+  end
 ",
     mint_fence!("for j = 1, n do if redis.call('get', KEYS[j]) == ARGV[1] then redis.call('del', KEYS[j]) end end"),
     r"
-    out[i + 2] = f
-  end
+  out[i + 2] = f
 end
 return out
 "
@@ -212,7 +210,10 @@ local ttl = tonumber(ARGV[2])
 if redis.call('zscore', KEYS[1], ARGV[1]) then
   redis.call('zadd', KEYS[1], nowms + ttl, ARGV[1])
   if redis.call('pttl', KEYS[1]) < ttl then redis.call('pexpire', KEYS[1], ttl) end
-  return {1, redis.call('get', KEYS[2]) or '0', reg()}
+",
+    mint_fence!("redis.call('zrem', KEYS[1], ARGV[1])"),
+    r"
+  return {1, f, reg()}
 end
 local count = redis.call('zcard', KEYS[1])
 local max = tonumber(ARGV[4])
@@ -344,8 +345,9 @@ end
 /// With nobody in line, a free lock is taken with `SET NX` first, as a plain
 /// mutex is.
 /// Returns `{1, fence, register}` when acquired (also when the lock already
-/// holds our token: handed over by a release, or a retried attempt),
-/// `{0, ms left, register, fence counter}` when not, `{2, type}` for a key of
+/// holds our token: handed over by a release whose message was missed, or a
+/// retried attempt; a new token is minted then), `{0, ms left, register,
+/// fence counter}` when not, `{2, type}` for a key of
 /// another type. The fencing counter in a refusal (created from the server's
 /// clock if missing, as when minting) tells a waiter which handovers came
 /// before it: a handover message with a token at most that is stale.
@@ -369,7 +371,10 @@ if kind == 'string' then
   if redis.call('get', KEYS[1]) == ARGV[1] then
     redis.call('pexpire', KEYS[1], ARGV[2])
     leave(ARGV[1])
-    return {1, redis.call('get', KEYS[2]) or '0', reg()}
+",
+    mint_fence!("redis.call('del', KEYS[1])"),
+    r"
+    return {1, f, reg()}
   end
 else
   local _, head = first()
@@ -749,8 +754,14 @@ pub(super) fn quick(keys: &Keys) -> bool {
 
 /// A plain mutex's attempt without Lua, in one transaction: `SET lock token
 /// NX PX ms GET` (the value it replaced: none when it took the lock), `INCR`
-/// of the fencing counter, `PTTL` of the lock, and the expiry register when
-/// asked. Redis runs it in about a third of the script's time.
+/// of the fencing counter, `PEXPIRE` of the counter with `NX` (a counter the
+/// `INCR` created gets the counter's TTL), `PTTL` of the lock, and the expiry
+/// register when asked. Redis runs it in about a third of the script's time.
+///
+/// `MULTI` and `EXEC` go as two commands of a plain pipeline, not as
+/// redis-rs's atomic pipeline, whose connection task panics when `MULTI`
+/// itself is refused (an ACL changed at run time): the replies are the
+/// `MULTI`'s, the `QUEUED`s, and the `EXEC`'s array ([`read_quick`]).
 ///
 /// The `INCR` runs whether the `SET` took the lock or not: a refused attempt
 /// spends a number, which keeps tokens increasing. A counter it creates
@@ -764,8 +775,9 @@ pub(super) fn quick_acquire(
     register: Option<&str>,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
-    pipe.atomic().ignore_errors();
-    pipe.cmd("SET")
+    pipe.ignore_errors();
+    pipe.cmd("MULTI")
+        .cmd("SET")
         .arg(&keys.lock)
         .arg(token)
         .arg("NX")
@@ -774,44 +786,59 @@ pub(super) fn quick_acquire(
         .arg("GET")
         .cmd("INCR")
         .arg(&keys.fence)
+        .cmd("PEXPIRE")
+        .arg(&keys.fence)
+        .arg(FENCE_TTL_MS)
+        .arg("NX")
         .cmd("PTTL")
         .arg(&keys.lock);
     if let Some(register) = register {
         pipe.cmd("GET").arg(register);
     }
+    pipe.cmd("EXEC");
     pipe
 }
 
-/// [`quick_acquire`]'s replies (`EXEC`'s array) in the shape of [`ACQUIRE_EXCLUSIVE`]'s (`{1,
-/// fence, register}` taken, `{0, ms left, register}` held), or `None` when
+/// [`quick_acquire`]'s replies in the shape of [`ACQUIRE_EXCLUSIVE`]'s (`{1,
+/// fence, register}` taken, `{0, ms left, register}` held). `Err(())`: not
+/// run as a transaction (`MULTI` refused, or `EXECABORT`: refused as it was
+/// queued, out of memory, or commands this server does not know). `Ok(None)`:
 /// only the script can answer: the lock already held this token (a retried
-/// attempt), the counter was below the clock floor (the script mints from
-/// the clock, or on a refusal deletes the counter the `INCR` made) or not a
-/// number, the key is of another type, or the reply is not what the
-/// transaction returns.
-pub(super) fn read_quick(items: Vec<Value>, token: &str) -> Option<Vec<Value>> {
+/// attempt), the counter was below the clock floor (the script mints from the
+/// clock, or on a refusal deletes the counter the `INCR` made) or not a
+/// number, or the key is of another type.
+pub(super) fn read_quick(
+    mut replies: Vec<Value>,
+    token: &str,
+) -> std::result::Result<Option<Vec<Value>>, ()> {
+    let exec = replies.pop();
+    let (Some(Value::Okay), Some(Value::Array(items))) = (replies.first(), exec) else {
+        return Err(());
+    };
     let mut items = items.into_iter();
-    let (set, incr, pttl) = (items.next()?, items.next()?, items.next()?);
+    let (Some(set), Some(incr), Some(_), Some(pttl)) =
+        (items.next(), items.next(), items.next(), items.next())
+    else {
+        return Ok(None);
+    };
     let register = items.next().unwrap_or(Value::Nil);
-    match set {
-        Value::Nil => match incr {
-            Value::Int(f) if f >= CLOCK_FLOOR => Some(vec![
-                Value::Int(1),
-                Value::BulkString(f.to_string().into_bytes()),
-                register,
-            ]),
-            _ => None,
-        },
-        Value::BulkString(held) if held != token.as_bytes() => match (incr, pttl) {
-            (Value::Int(f), Value::Int(ms)) if f >= CLOCK_FLOOR => Some(vec![
+    Ok(match (set, incr, pttl) {
+        (Value::Nil, Value::Int(f), _) if f >= CLOCK_FLOOR => Some(vec![
+            Value::Int(1),
+            Value::BulkString(f.to_string().into_bytes()),
+            register,
+        ]),
+        (Value::BulkString(held), Value::Int(f), Value::Int(ms))
+            if held != token.as_bytes() && f >= CLOCK_FLOOR =>
+        {
+            Some(vec![
                 Value::Int(0),
                 Value::BulkString(ms.to_string().into_bytes()),
                 register,
-            ]),
-            _ => None,
-        },
+            ])
+        }
         _ => None,
-    }
+    })
 }
 
 /// The fencing counter a fair mutex's refusal reports (`0` otherwise).

@@ -127,24 +127,29 @@ impl RedisBackend {
     }
 
     /// Until plain mutexes go as transactions or not (see
-    /// [`Shared::quick`](super::Shared)): may this user run `MULTI`? A user
-    /// who may not is never sent a transaction (redis-rs's connection task
-    /// does not survive a refused `MULTI` in a pipeline). On a new connection,
-    /// not shared yet: `MULTI` then `DISCARD`, as two plain commands.
+    /// [`Shared::quick`](super::Shared)): may this user run a transaction?
+    /// On a new connection, not shared yet: an empty `MULTI` … `EXEC`, which
+    /// leaves no transaction open whatever is refused (a refused `EXEC`
+    /// aborts it). The same is found at run time when the server refuses a
+    /// transaction (an ACL changed later).
     async fn probe_transactions(&self, conn: &mut Conn) {
         let s = &self.shared;
         if s.quick.load(Ordering::Relaxed) != QUICK_UNTRIED {
             return;
         }
         let mut probe = redis::pipe();
-        probe.cmd("MULTI").cmd("DISCARD");
+        probe.ignore_errors().cmd("MULTI").cmd("EXEC");
         let answer =
-            tokio::time::timeout(s.settings.op_timeout, probe.query_async::<Value>(conn)).await;
-        if let Ok(Err(e)) = answer {
-            if !is_connection_error(&e) {
-                tracing::debug!(error = %e, "MULTI not permitted: plain mutexes are taken by a script");
-                s.quick.store(QUICK_OFF, Ordering::Relaxed);
-            }
+            tokio::time::timeout(s.settings.op_timeout, probe.query_async::<Vec<Value>>(conn))
+                .await;
+        let refused = match answer {
+            Ok(Ok(replies)) => !matches!(replies.as_slice(), [Value::Okay, Value::Array(_)]),
+            Ok(Err(e)) => !is_connection_error(&e),
+            Err(_) => false,
+        };
+        if refused {
+            tracing::debug!("transactions not permitted: plain mutexes are taken by a script");
+            s.quick.store(QUICK_OFF, Ordering::Relaxed);
         }
     }
 
