@@ -99,24 +99,9 @@ async fn the_readme_line_takes_mutexes_by_transaction_and_survives_losing_multi(
         .await
         .unwrap();
     let mut last = 0;
-    let mut pairs = |n: usize| {
-        let a = a.clone();
-        async move {
-            for _ in 0..n {
-                let g = a
-                    .lock("k")
-                    .acquire_timeout(Duration::from_secs(5))
-                    .await
-                    .unwrap();
-                assert!(g.fencing_token() > last);
-                last = g.fencing_token();
-                g.release().await.unwrap();
-            }
-        }
-    };
-    pairs(1).await;
+    pairs(&a, 1, &mut last).await;
     let exec0 = calls(&mut admin, "exec").await;
-    pairs(3).await;
+    pairs(&a, 3, &mut last).await;
     assert_eq!(calls(&mut admin, "exec").await - exec0, 3);
 
     let _: () = redis::cmd("ACL")
@@ -126,7 +111,21 @@ async fn the_readme_line_takes_mutexes_by_transaction_and_survives_losing_multi(
         .query_async(&mut admin)
         .await
         .unwrap();
-    pairs(6).await;
+    pairs(&a, 6, &mut last).await;
+}
+
+/// `n` acquire/release pairs on `k`, each token above the one before.
+async fn pairs(a: &Locker, n: usize, last: &mut u64) {
+    for _ in 0..n {
+        let g = a
+            .lock("k")
+            .acquire_timeout(Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(g.fencing_token() > *last);
+        *last = g.fencing_token();
+        g.release().await.unwrap();
+    }
 }
 
 /// Calls of `cmd` so far (`INFO commandstats`).
