@@ -798,20 +798,9 @@ async fn check_short_beside_long(fx: Fixture) {
     long.release().await.unwrap();
 }
 
-/// Calls of `cmd` on the server so far (`INFO commandstats`). Scripts count the
-/// commands they run: an acquire attempt that finds the key held runs `PTTL`,
-/// one that takes it runs `INCR` (the fencing counter).
+/// Calls of `cmd` on the server so far (`INFO commandstats`).
 async fn command_calls(server: &RedisServer, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut server.conn().await)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    distlock_tests::command_calls(&mut server.conn().await, cmd).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use distlock::{Error, Locker, Policy};
-use distlock_tests::{report, RedisServer};
+use distlock_tests::{command_calls, report, RedisServer};
 
 /// The ACL line the README documents: the lock prefix's keys and channels, and
 /// only the commands distlock sends (scripts run with the user's permissions).
@@ -100,9 +100,9 @@ async fn the_readme_line_takes_mutexes_by_transaction_and_survives_losing_multi(
         .unwrap();
     let mut last = 0;
     pairs(&a, 1, &mut last).await;
-    let exec0 = calls(&mut admin, "exec").await;
+    let exec0 = command_calls(&mut admin, "exec").await;
     pairs(&a, 3, &mut last).await;
-    assert_eq!(calls(&mut admin, "exec").await - exec0, 3);
+    assert_eq!(command_calls(&mut admin, "exec").await - exec0, 3);
 
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
@@ -126,20 +126,6 @@ async fn pairs(a: &Locker, n: usize, last: &mut u64) {
         *last = g.fencing_token();
         g.release().await.unwrap();
     }
-}
-
-/// Calls of `cmd` so far (`INFO commandstats`).
-async fn calls(conn: &mut redis::aio::MultiplexedConnection, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]
