@@ -10,22 +10,18 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use distlock::{Error, Locker, Policy};
-use distlock_tests::{command_calls, report, RedisServer};
+use distlock_tests::{report, RedisServer};
 
 /// The ACL line the README documents: the lock prefix's keys and channels, and
 /// only the commands distlock sends (scripts run with the user's permissions).
 const ACL: &str = "on >lock-secret resetkeys ~distlock:* resetchannels &distlock:* -@all \
     +ping +info +evalsha +eval +script|load +subscribe +unsubscribe \
     +publish +set +get +incr +del +exists +pexpire +pttl +type +time +zadd +zrem +zscore \
-    +zrange +zcard +zremrangebyscore +multi +exec";
+    +zrange +zcard +zremrangebyscore";
 
 async fn acl_server() -> RedisServer {
-    acl_server_with(ACL).await
-}
-
-async fn acl_server_with(acl: &str) -> RedisServer {
     let mut args = vec!["--user".to_owned(), "locks".to_owned()];
-    args.extend(acl.split_whitespace().map(str::to_owned));
+    args.extend(ACL.split_whitespace().map(str::to_owned));
     // The default user may not do anything, so only the ACL user can work.
     args.extend(["--user", "default", "off"].map(str::to_owned));
     RedisServer::builder().args(args).start().await
@@ -57,75 +53,6 @@ async fn an_acl_user_limited_to_the_prefix_can_use_every_primitive() {
     drop(rw.read().await.unwrap());
     rw.writer().run(&Policy::new(), async {}).await.unwrap();
     assert!(a.force_unlock("k").await.is_ok());
-}
-
-/// `+multi +exec` only make a plain mutex's attempt cheaper: without them it
-/// goes through the script, the same every time, and locks as well.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acl_user_without_transactions_still_locks_through_the_scripts() {
-    let server = acl_server_with(&ACL.replace(" +multi +exec", "")).await;
-    let url = format!("redis://locks:lock-secret@127.0.0.1:{}", server.port());
-    let a = Locker::connect(&url).await.unwrap();
-    let b = Locker::connect(&url).await.unwrap();
-    let mut last = 0;
-    for i in 0..6 {
-        let locker = if i % 2 == 0 { &a } else { &b };
-        let guard = locker
-            .lock("k")
-            .acquire_timeout(Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(guard.fencing_token() > last);
-        last = guard.fencing_token();
-        assert!(b.lock("k").try_acquire().await.unwrap().is_none());
-        guard.release().await.unwrap();
-    }
-    // Released: free at once.
-    let again = a.lock("k").try_acquire().await.unwrap();
-    assert!(again.is_some_and(|g| g.fencing_token() > last));
-}
-
-/// With the README's line a plain mutex is taken by a transaction; and when
-/// the user loses `MULTI` while it runs (an ACL changed at run time, or a
-/// failover to a stricter master), locking carries on through the scripts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readme_line_takes_mutexes_by_transaction_and_survives_losing_multi() {
-    let server = acl_server_with(&format!("{ACL} +acl|setuser")).await;
-    let url = format!("redis://locks:lock-secret@127.0.0.1:{}", server.port());
-    let a = Locker::connect(&url).await.unwrap();
-    let mut admin = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let mut last = 0;
-    pairs(&a, 1, &mut last).await;
-    let exec0 = command_calls(&mut admin, "exec").await;
-    pairs(&a, 3, &mut last).await;
-    assert_eq!(command_calls(&mut admin, "exec").await - exec0, 3);
-
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("locks")
-        .arg("-multi")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    pairs(&a, 6, &mut last).await;
-}
-
-/// `n` acquire/release pairs on `k`, each token above the one before.
-async fn pairs(a: &Locker, n: usize, last: &mut u64) {
-    for _ in 0..n {
-        let g = a
-            .lock("k")
-            .acquire_timeout(Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(g.fencing_token() > *last);
-        *last = g.fencing_token();
-        g.release().await.unwrap();
-    }
 }
 
 #[tokio::test]

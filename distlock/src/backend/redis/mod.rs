@@ -14,7 +14,7 @@ mod scripts;
 mod slots;
 mod tasks;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,10 +26,9 @@ use tokio_util::sync::CancellationToken;
 use self::conn::{AnyPool, Checked, Conn};
 use self::scripts::{
     acquire_all_invocation, acquire_invocation, kind_flag, parse_all, parse_attempt, parse_seen,
-    parse_snapshot, quick, quick_acquire, read_quick, release_invocation, Wakers, FENCE_TTL_MS,
-    SCRIPTS,
+    parse_snapshot, release_invocation, Wakers, FENCE_TTL_MS, SCRIPTS,
 };
-use self::slots::{is_connection_error, Identity};
+use self::slots::Identity;
 pub(crate) use self::tasks::PubSubSource;
 use super::{Attempt, AttemptAll, Renewal, Request, Retoken, Snapshot};
 use crate::error::{Error, Result};
@@ -90,22 +89,7 @@ struct Shared {
     /// ACL user may): releases publish on their shard, and the pub/sub task
     /// subscribes with SSUBSCRIBE. Decided when the backend is verified.
     sharded: AtomicBool,
-    /// A plain mutex's attempt goes as a transaction ([`quick_acquire`])
-    /// before the script. Set once an acquire script answered (a user who
-    /// may not run scripts could take a lock it could not release). Off for
-    /// good when a new connection finds the user may not run `MULTI`, or when
-    /// the server refused the transaction and then ran the script: an ACL
-    /// user without `EXEC`, `INCR` or `PTTL`, or a Redis before 7 (no `SET NX
-    /// GET`).
-    quick: AtomicU8,
 }
-
-/// [`Shared::quick`]: no acquire script has answered yet.
-pub(super) const QUICK_UNTRIED: u8 = 0;
-/// [`Shared::quick`]: plain mutexes try the transaction first.
-pub(super) const QUICK_ON: u8 = 1;
-/// [`Shared::quick`]: the server refused the transaction; scripts only.
-pub(super) const QUICK_OFF: u8 = 2;
 
 /// One Redis server (or a Sentinel-managed master) reached through a pool.
 #[derive(Clone)]
@@ -220,7 +204,6 @@ impl RedisBackend {
                 registered_ms: AtomicU64::new(0),
                 register_seen_ms: AtomicU64::new(0),
                 sharded: AtomicBool::new(false),
-                quick: AtomicU8::new(QUICK_UNTRIED),
             }),
         }
     }
@@ -369,7 +352,7 @@ impl RedisBackend {
             locks,
             token,
             expiry,
-            Shape::One,
+            2,
             |register| acquire_invocation(req, register),
             |reply| {
                 let attempt = parse_attempt(keys, reply)?;
@@ -393,7 +376,7 @@ impl RedisBackend {
             locks,
             token,
             expiry,
-            Shape::All,
+            1,
             |register| acquire_all_invocation(locks, token, expiry, register),
             |reply| {
                 let attempt = parse_all(locks, reply)?;
@@ -412,10 +395,8 @@ impl RedisBackend {
 
     /// The steps of every acquisition: the restart quarantine, the expiry
     /// register, the script (built by `invocation`, given the register's key
-    /// when the script should read it; `shape` says where it returns it),
-    /// and the replicas' acknowledgement of a grant. A plain mutex tries the
-    /// transaction first, and the script only when the transaction cannot
-    /// answer. `Err(wait)` inside the
+    /// when the script should read it, which it returns at `register_at`),
+    /// and the replicas' acknowledgement of a grant. `Err(wait)` inside the
     /// `Ok`: not sent, the server restarted and acquisitions wait this long.
     /// Cancel safe: until a definite answer arrives, the attempt may have
     /// taken the locks, which a drop or a failure releases in the
@@ -425,7 +406,7 @@ impl RedisBackend {
         locks: &[Keys],
         token: &str,
         expiry: Duration,
-        shape: Shape,
+        register_at: usize,
         invocation: impl Fn(Option<&str>) -> redis::ScriptInvocation<'static>,
         parse: impl FnOnce(&[Value]) -> Result<(T, bool)>,
     ) -> Result<std::result::Result<T, Duration>> {
@@ -450,38 +431,8 @@ impl RedisBackend {
                 self.register(&mut conn, millis(expiry)).await?;
                 *carried.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
                 let register = self.shared.settings.register_key.as_deref();
-                let state = self.shared.quick.load(Ordering::Relaxed);
-                // Not on a cluster: its connection does not run transactions.
-                let quick = match (shape, locks) {
-                    (Shape::One, [keys]) if quick(keys) && !self.is_cluster() => Some(keys),
-                    _ => None,
-                }
-                .filter(|_| state == QUICK_ON);
-                let mut refused = false;
-                if let Some(keys) = quick {
-                    let tx = quick_acquire(keys, token, expiry, register);
-                    match tx.query_async::<Vec<Value>>(&mut conn).await {
-                        Ok(replies) => match read_quick(replies, token) {
-                            Ok(Some(reply)) => return Ok(Ok(Reply::Answer(reply))),
-                            Ok(None) => {}
-                            Err(()) => refused = true,
-                        },
-                        Err(e) if is_connection_error(&e) || e.is_timeout() => return Ok(Err(e)),
-                        Err(_) => refused = true,
-                    }
-                }
-                let answer = invocation(register).invoke_async(&mut conn).await;
-                if answer.is_ok() {
-                    let next = if refused { QUICK_OFF } else { QUICK_ON };
-                    // Off is for good: only untried turns on.
-                    let _ = self.shared.quick.compare_exchange(
-                        if refused { state } else { QUICK_UNTRIED },
-                        next,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
-                Ok(answer.map(Reply::Answer))
+                let inv = invocation(register);
+                Ok(inv.invoke_async(&mut conn).await.map(Reply::Answer))
             })
             .await?;
         let reply: Vec<Value> = match reply {
@@ -492,7 +443,7 @@ impl RedisBackend {
             }
         };
         if let Some(seen) = reply
-            .get(shape.register_at())
+            .get(register_at)
             .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
         {
             self.shared
@@ -850,26 +801,6 @@ fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
 
 pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// Which acquire script a reply comes from.
-#[derive(Clone, Copy)]
-enum Shape {
-    /// One lock's (`ACQUIRE_EXCLUSIVE`, `ACQUIRE_FAIR`, `ACQUIRE_SHARED`), or
-    /// a plain mutex's transaction, read into the same shape.
-    One,
-    /// Several mutexes' (`ACQUIRE_ALL`).
-    All,
-}
-
-impl Shape {
-    /// Where the reply carries the expiry register.
-    fn register_at(self) -> usize {
-        match self {
-            Shape::One => 2,
-            Shape::All => 1,
-        }
-    }
 }
 
 /// What one try of an acquisition came to.

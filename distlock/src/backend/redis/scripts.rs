@@ -17,17 +17,9 @@ use crate::key::{Keys, LockKind};
 /// repeats.
 pub(super) const FENCE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// A fencing counter below this did not start from the server's clock: 10^15
-/// µs is September 2001. A counter starts from the clock when it is missing
-/// (first use, expired, or lost in a restart); a plain mutex's transaction
-/// ([`quick_acquire`]) `INCR`s it even when the `SET` failed, which creates
-/// a missing one at 1, so "below the floor", not "1", is the mark of a
-/// counter that must start from the clock.
-pub(super) const CLOCK_FLOOR: i64 = 1_000_000_000_000_000;
-
 /// Lua that mints the next fencing token into `f`: one more than the counter.
-/// A counter below [`CLOCK_FLOOR`] (missing, expired, lost in a restart, or
-/// created by a failed transaction's `INCR`) starts from the server's clock in
+/// A counter below 10^15 (September 2001 in microseconds: missing, expired,
+/// lost in a restart, or set by hand) starts from the server's clock in
 /// microseconds, with a TTL, so tokens keep increasing across its loss: one
 /// acquisition per microsecond for the counter's 7 days would be needed to
 /// overtake the clock.
@@ -87,24 +79,16 @@ local nowms = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
 /// ARGV: token, expiry ms, fence ttl ms, intent ms (0: a mutex), `1` to read
 /// the expiry register.
 /// Returns `{1, fence, register}` when acquired (also when the key already
-/// holds our token: a retried attempt, or a [`quick_acquire`] that took the
-/// lock but could not mint; a new token is minted then too), `{0, ms left,
-/// register}` when held, `{2, type}` for a key of another type.
+/// holds our token: a retried attempt, which gets a new token too), `{0, ms
+/// left, register}` when held, `{2, type}` for a key of another type.
 ///
-/// A plain mutex is tried with [`quick_acquire`] first, and comes here only
-/// when that cannot answer. A mutex tries `SET NX` first: an uncontended acquisition is two commands
+/// A mutex tries `SET NX` first: an uncontended acquisition is two commands
 /// (`SET`, `INCR`), and a `GET` of the register. `SET NX` leaves a key of any
 /// type alone.
 const ACQUIRE_EXCLUSIVE: &str = concat!(
     "local FENCE, FTTL = 2, 3\n",
     register!(),
     r"
--- A counter below the clock floor was made by a refused transaction's INCR:
--- never a token, so a refusal deletes it rather than leave it behind.
-local function tidy()
-  local c = redis.pcall('get', KEYS[FENCE])
-  if type(c) == 'string' and (tonumber(c) or 1e15) < 1e15 then redis.call('del', KEYS[FENCE]) end
-end
 local write = ARGV[4] ~= '0'
 if not write and redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 ",
@@ -113,19 +97,17 @@ if not write and redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, f, reg()}
 end
 local kind = redis.call('type', KEYS[1])['ok']
-if kind ~= 'string' and kind ~= 'none' then tidy() return {2, kind} end
+if kind ~= 'string' and kind ~= 'none' then return {2, kind} end
 if kind == 'string' then
   if redis.call('get', KEYS[1]) == ARGV[1] then
     redis.call('pexpire', KEYS[1], ARGV[2])
-    -- Ours already: a retried attempt, or a transaction that could not
-    -- mint (the counter below the clock floor, or not a number). A new
-    -- token, never the counter as it stands.
+    -- Ours already (a retried attempt): a new token, never the counter as
+    -- it stands (gone, or at the top of its range).
 ",
     mint_fence!("redis.call('del', KEYS[1])"),
     r"
     return {1, f, reg()}
   end
-  tidy()
   return {0, tostring(redis.call('pttl', KEYS[1])), reg()}
 end
 if write then
@@ -744,101 +726,6 @@ pub(super) fn acquire_invocation<'a>(
         .arg(fourth)
         .arg(if register.is_some() { "1" } else { "0" });
     inv
-}
-
-/// Whether a request may go as [`quick_acquire`]'s transaction: a plain
-/// mutex (not a write lock, not fair), on one server or a Sentinel master.
-pub(super) fn quick(keys: &Keys) -> bool {
-    keys.kind == LockKind::Mutex && !keys.fair()
-}
-
-/// A plain mutex's attempt without Lua, in one transaction: `SET lock token
-/// NX PX ms GET` (the value it replaced: none when it took the lock), `INCR`
-/// of the fencing counter, `PEXPIRE` of the counter with `NX` (a counter the
-/// `INCR` created gets the counter's TTL), `PTTL` of the lock, and the expiry
-/// register when asked. Redis runs it in about a third of the script's time.
-///
-/// `MULTI` and `EXEC` go as two commands of a plain pipeline, not as
-/// redis-rs's atomic pipeline, whose connection task panics when `MULTI`
-/// itself is refused (an ACL changed at run time): the replies are the
-/// `MULTI`'s, the `QUEUED`s, and the `EXEC`'s array ([`read_quick`]).
-///
-/// The `INCR` runs whether the `SET` took the lock or not: a refused attempt
-/// spends a number, which keeps tokens increasing. A counter it creates
-/// starts at 1, below [`CLOCK_FLOOR`]; such a number is never used as a token
-/// ([`read_quick`] sends that attempt to the script, which mints from the
-/// clock, or deletes the counter when the lock was held).
-pub(super) fn quick_acquire(
-    keys: &Keys,
-    token: &str,
-    expiry: Duration,
-    register: Option<&str>,
-) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    pipe.cmd("MULTI")
-        .cmd("SET")
-        .arg(&keys.lock)
-        .arg(token)
-        .arg("NX")
-        .arg("PX")
-        .arg(millis(expiry))
-        .arg("GET")
-        .cmd("INCR")
-        .arg(&keys.fence)
-        .cmd("PEXPIRE")
-        .arg(&keys.fence)
-        .arg(FENCE_TTL_MS)
-        .arg("NX")
-        .cmd("PTTL")
-        .arg(&keys.lock);
-    if let Some(register) = register {
-        pipe.cmd("GET").arg(register);
-    }
-    pipe.cmd("EXEC");
-    pipe
-}
-
-/// [`quick_acquire`]'s replies in the shape of [`ACQUIRE_EXCLUSIVE`]'s (`{1,
-/// fence, register}` taken, `{0, ms left, register}` held). `Err(())`: not
-/// run as a transaction (`MULTI` refused, or `EXECABORT`: refused as it was
-/// queued, out of memory, or commands this server does not know). `Ok(None)`:
-/// only the script can answer: the lock already held this token (a retried
-/// attempt), the counter was below the clock floor (the script mints from the
-/// clock, or on a refusal deletes the counter the `INCR` made) or not a
-/// number, or the key is of another type.
-pub(super) fn read_quick(
-    mut replies: Vec<Value>,
-    token: &str,
-) -> std::result::Result<Option<Vec<Value>>, ()> {
-    let exec = replies.pop();
-    let (Some(Value::Okay), Some(Value::Array(items))) = (replies.first(), exec) else {
-        return Err(());
-    };
-    let mut items = items.into_iter();
-    let (Some(set), Some(incr), Some(_), Some(pttl)) =
-        (items.next(), items.next(), items.next(), items.next())
-    else {
-        return Ok(None);
-    };
-    let register = items.next().unwrap_or(Value::Nil);
-    Ok(match (set, incr, pttl) {
-        (Value::Nil, Value::Int(f), _) if f >= CLOCK_FLOOR => Some(vec![
-            Value::Int(1),
-            Value::BulkString(f.to_string().into_bytes()),
-            register,
-        ]),
-        (Value::BulkString(held), Value::Int(f), Value::Int(ms))
-            if held != token.as_bytes() && f >= CLOCK_FLOOR =>
-        {
-            Some(vec![
-                Value::Int(0),
-                Value::BulkString(ms.to_string().into_bytes()),
-                register,
-            ])
-        }
-        _ => None,
-    })
 }
 
 /// The fencing counter a fair mutex's refusal reports (`0` otherwise).

@@ -9,12 +9,12 @@ use std::sync::PoisonError;
 use std::time::Duration;
 
 use deadpool_redis::PoolError;
-use redis::{RedisError, Value};
+use redis::RedisError;
 use tokio::time::Instant;
 
 use super::conn::{Checked, Conn};
 use super::scripts::{preload, SCRIPTS};
-use super::{RedisBackend, QUICK_OFF, QUICK_UNTRIED};
+use super::RedisBackend;
 use crate::error::{Chain, Error, Result};
 
 /// What the backend knows of the server it talks to. A new `run_id` on a new
@@ -126,38 +126,10 @@ impl RedisBackend {
         }
     }
 
-    /// Until plain mutexes go as transactions or not (see
-    /// [`Shared::quick`](super::Shared)): may this user run a transaction?
-    /// On a new connection, not shared yet: an empty `MULTI` … `EXEC`, which
-    /// leaves no transaction open whatever is refused (a refused `EXEC`
-    /// aborts it). The same is found at run time when the server refuses a
-    /// transaction (an ACL changed later).
-    async fn probe_transactions(&self, conn: &mut Conn) {
-        let s = &self.shared;
-        if s.quick.load(Ordering::Relaxed) != QUICK_UNTRIED {
-            return;
-        }
-        let mut probe = redis::pipe();
-        probe.ignore_errors().cmd("MULTI").cmd("EXEC");
-        let answer =
-            tokio::time::timeout(s.settings.op_timeout, probe.query_async::<Vec<Value>>(conn))
-                .await;
-        let refused = match answer {
-            Ok(Ok(replies)) => !matches!(replies.as_slice(), [Value::Okay, Value::Array(_)]),
-            Ok(Err(e)) => !is_connection_error(&e),
-            Err(_) => false,
-        };
-        if refused {
-            tracing::debug!("transactions not permitted: plain mutexes are taken by a script");
-            s.quick.store(QUICK_OFF, Ordering::Relaxed);
-        }
-    }
-
     /// Learns the server's `run_id` on a new connection; a change starts the
     /// restart quarantine (see [`Identity`]).
     pub(super) async fn check_identity(&self, conn: &mut Conn) -> Result<()> {
         let s = &self.shared;
-        self.probe_transactions(conn).await;
         let info = tokio::time::timeout(
             s.settings.op_timeout,
             redis::cmd("INFO").arg("server").query_async::<String>(conn),
