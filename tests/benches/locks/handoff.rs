@@ -16,7 +16,9 @@ use distlock::Locker;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::measure::{fmt_rate, median, paired_ratios, percentile, rotation, sequential_rate};
+use crate::measure::{
+    fmt_rate, median, paired_ratios, percentile, range, rotation, sequential_rate,
+};
 use crate::probe;
 use crate::report::{Row, Status};
 use crate::Env;
@@ -208,9 +210,8 @@ pub(crate) async fn p10(env: &Env) -> Vec<Row> {
             .iter()
             .map(|r| percentile(&r.handovers, 99.0).as_secs_f64() * 1000.0)
             .collect();
-        let range = |v: &[f64]| {
-            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let spread = |v: &[f64]| {
+            let (min, max) = range(v);
             format!("{min:.2}–{max:.2}")
         };
         summary.push((
@@ -241,9 +242,9 @@ pub(crate) async fn p10(env: &Env) -> Vec<Row> {
             ),
             ratio: format!(
                 "rounds: held {} %, p50 {} RTT, Jain {}",
-                range(&util),
-                range(&p50_rtts),
-                range(&jain)
+                spread(&util),
+                spread(&p50_rtts),
+                spread(&jain)
             ),
             target: "held ≥ 85 %; p50 ≤ 2 RTT; p99 ≤ 5 ms; Jain ≥ 0.95".into(),
             status: Status::of(
@@ -273,8 +274,7 @@ pub(crate) async fn p10(env: &Env) -> Vec<Row> {
     }
     for (arm, name) in [(0, "default"), (1, "fair")] {
         let util = &tower[arm];
-        let min = util.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = util.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (min, max) = range(util);
         rows.push(Row {
             id: "P10",
             scenario: format!(
@@ -304,8 +304,7 @@ pub(crate) async fn p10(env: &Env) -> Vec<Row> {
     }
     let ratios = paired_ratios(&plain, &fair);
     let ratio = median(&ratios);
-    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (min, max) = range(&ratios);
     rows.push(Row {
         id: "P10",
         scenario: "one task, uncontended acquire_timeout + release on a fresh Lock (fair)".into(),

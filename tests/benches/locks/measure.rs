@@ -33,6 +33,13 @@ pub(crate) fn percentile(samples: &[Duration], p: f64) -> Duration {
     v[rank.clamp(1, v.len()) - 1]
 }
 
+/// The smallest and largest of `samples` (the spread across rounds).
+pub(crate) fn range(samples: &[f64]) -> (f64, f64) {
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
 /// Per-round ratios `a[i] / b[i]` (paired: both arms ran in the same round).
 pub(crate) fn paired_ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| x / y).collect()

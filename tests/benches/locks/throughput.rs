@@ -11,7 +11,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::measure::{fmt_rate, median, paired_ratios, rotation, sequential_rate};
+use crate::measure::{fmt_rate, median, paired_ratios, range, rotation, sequential_rate};
 use crate::probe::{server_cpu, CommandStats};
 use crate::report::{Row, Status};
 use crate::{floor, Env};
@@ -143,8 +143,7 @@ impl Arm {
 
 /// The median of per-round ratios and their range, as text.
 fn spread(ratios: &[f64]) -> String {
-    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = range(ratios);
     format!("{:.3} (rounds {lo:.2}-{hi:.2})", median(ratios))
 }
 

@@ -9,7 +9,7 @@ use distlock::Locker;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::measure::{fmt_rate, median, paired_ratios, rotation, sequential_rate};
+use crate::measure::{fmt_rate, median, paired_ratios, range, rotation, sequential_rate};
 use crate::report::{Row, Status};
 use crate::Env;
 
@@ -81,8 +81,7 @@ async fn contended(locker: &Locker, nested: bool, d: Duration) -> f64 {
 
 /// The spread of per-round ratios, "min–max".
 fn spread(ratios: &[f64]) -> String {
-    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (min, max) = range(ratios);
     format!("{min:.2}–{max:.2}")
 }
 
