@@ -46,22 +46,3 @@ pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
-
-/// Calls of `cmd` (lower case) the server has counted so far (`INFO
-/// commandstats`), read through `conn` (any user allowed `INFO`).
-///
-/// # Panics
-///
-/// If `INFO` fails.
-pub async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap_or_else(|e| panic!("INFO commandstats: {e}"));
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}

@@ -798,9 +798,20 @@ async fn check_short_beside_long(fx: Fixture) {
     long.release().await.unwrap();
 }
 
-/// Calls of `cmd` on the server so far (`INFO commandstats`).
+/// Calls of `cmd` on the server so far (`INFO commandstats`). Scripts count the
+/// commands they run: an acquire attempt that finds the key held runs `PTTL`,
+/// one that takes it runs `INCR` (the fencing counter).
 async fn command_calls(server: &RedisServer, cmd: &str) -> u64 {
-    distlock_tests::command_calls(&mut server.conn().await, cmd).await
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.conn().await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,18 +828,17 @@ async fn local_waiters_make_one_attempt_per_release() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // An attempt is an acquire script (or a transaction, `EXEC`, should one
-    // be used); every release is a script that publishes once.
-    let attempts = || async {
-        command_calls(&server, "exec").await + command_calls(&server, "evalsha").await
-            - command_calls(&server, "publish").await
-    };
-    let before = attempts().await;
+    let (won, held_attempts) = (
+        command_calls(&server, "incr").await,
+        command_calls(&server, "pttl").await,
+    );
     held.release().await.unwrap();
     for t in tasks {
         timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
     }
-    let failed = attempts().await - before - WAITERS as u64;
+    let won = command_calls(&server, "incr").await - won;
+    let failed = command_calls(&server, "pttl").await - held_attempts;
+    assert_eq!(won, WAITERS as u64);
     // Each new head of the line waits for its predecessor's release message
     // instead of first finding the key held (which made WAITERS - 1 failed
     // attempts). A few may come from backoff timers on a loaded machine.

@@ -162,9 +162,9 @@ pub(crate) async fn p1(env: &Env) -> Vec<Row> {
     rslock_sequential(&manager, "p1:rslock", warm).await;
 
     // What each arm sends itself: the floor and rslock `SET` and `EVALSHA`;
-    // distlock a transaction (`MULTI` … `EXEC`) and `EVALSHA`.
+    // distlock two `EVALSHA`s.
     const PLAIN: &[&str] = &["set", "evalsha"];
-    const DISTLOCK: &[&str] = &["multi", "exec", "evalsha"];
+    const DISTLOCK: &[&str] = &["evalsha"];
     let (mut fl, mut dl, mut rs, mut re) = Default::default();
     let (fl, dl, rs, re): (&mut Arm, &mut Arm, &mut Arm, &mut Arm) =
         (&mut fl, &mut dl, &mut rs, &mut re);
